@@ -1,0 +1,57 @@
+# Two commands matter: `make demo` (install, generate sample logs, backfill, report) and
+# `make test` (install, lint, the whole test suite). Everything installs into .venv on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+PORT ?= 3000
+SOURCE ?= clickstream
+DEMO_DIR := $(CURDIR)/data/demo
+DEMO_START := 2020-07-07
+DEMO_END := 2020-07-20
+DEMO_DAYS := 14
+
+.PHONY: setup demo test dev backfill lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required")'
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip "setuptools<82" wheel
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+$(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp deploy/dagster.yaml $@
+
+setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+demo: setup
+	rm -rf $(DEMO_DIR)
+	$(BIN)/anomaly-dagster generate clickstream --days $(DEMO_DAYS) --start $(DEMO_START) --out $(DEMO_DIR)/landing
+	$(MAKE) --no-print-directory backfill SOURCE=clickstream START=$(DEMO_START) END=$(DEMO_END) \
+		ANOMALY_LANDING_DIR=$(DEMO_DIR)/landing ANOMALY_WAREHOUSE_DIR=$(DEMO_DIR)/warehouse
+	$(BIN)/anomaly-dagster report clickstream --warehouse $(DEMO_DIR)/warehouse \
+		--labels $(DEMO_DIR)/labels/clickstream_labels.csv
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+dev: setup
+	$(BIN)/dagster dev -h 127.0.0.1 -p $(PORT) -w workspace.yaml
+
+backfill: setup
+	@test -n "$(START)" -a -n "$(END)" || (echo "usage: make backfill SOURCE=name START=YYYY-MM-DD END=YYYY-MM-DD" && exit 2)
+	$(BIN)/dagster asset materialize -m anomaly_dagster.definitions \
+		--select 'key:$(SOURCE)/*' --partition-range $(START)...$(END)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf data/demo .dagster_home

@@ -1,0 +1,324 @@
+"""Source configuration: one YAML file per log source, validated with clear messages.
+
+A source says where its raw files are, how to parse them, which metrics to aggregate per
+bucket, which derived columns to compute, and which detectors to train. Every name that can
+reach SQL is checked against a strict identifier pattern here, at load time.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from anomaly_dagster.sql import validate_identifier
+
+PACKAGE_SOURCES_DIR = Path(__file__).parent / "sources"
+DEFAULT_LANDING_DIR = "data/landing"
+DEFAULT_WAREHOUSE_DIR = "data/warehouse"
+
+Identifier = Annotated[str, Field(min_length=1)]
+
+
+class ConfigError(ValueError):
+    """A source configuration that cannot be used, with the file and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimestampConfig(_Strict):
+    column: Identifier = "timestamp"
+    format: str = "%Y-%m-%d %H:%M:%S"
+    timezone: str = "UTC"
+
+    @field_validator("column")
+    @classmethod
+    def _column(cls, value: str) -> str:
+        return validate_identifier(value, "timestamp column")
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as UTC or Europe/Berlin)"
+            ) from None
+        return value
+
+
+class ColumnConfig(_Strict):
+    name: Identifier
+    type: Literal["string", "number"] = "string"
+    required: bool = True
+    min_value: float | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_identifier(value, "column name")
+
+
+class MetricConfig(_Strict):
+    name: Identifier
+    agg: Literal["count", "nunique", "sum", "mean", "min", "max", "p95"]
+    column: Identifier | None = None
+
+    @field_validator("name", "column")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        return None if value is None else validate_identifier(value, "metric or column name")
+
+    @model_validator(mode="after")
+    def _column_needed(self) -> MetricConfig:
+        if self.agg != "count" and self.column is None:
+            raise ValueError(f"metric {self.name!r}: aggregation {self.agg!r} needs a 'column'")
+        return self
+
+    @property
+    def is_count(self) -> bool:
+        """Counts are zero in an empty bucket; other aggregations are undefined (null) there."""
+        return self.agg in ("count", "nunique")
+
+
+class DerivedConfig(_Strict):
+    name: Identifier
+    expression: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_identifier(value, "derived column name")
+
+
+class DetectorConfig(_Strict):
+    name: Identifier
+    kind: str
+    features: list[Identifier]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_identifier(value, "detector name")
+
+
+class ThresholdConfig(_Strict):
+    method: Literal["sigma", "quantile", "fixed"] = "sigma"
+    k: float = 3.0
+    quantile: float = 0.99
+    value: float | None = None
+
+    @model_validator(mode="after")
+    def _fixed_needs_value(self) -> ThresholdConfig:
+        if self.method == "fixed" and self.value is None:
+            raise ValueError("threshold method 'fixed' needs a 'value'")
+        if not 0.0 < self.quantile < 1.0:
+            raise ValueError("threshold 'quantile' must be between 0 and 1")
+        return self
+
+
+class ChecksConfig(_Strict):
+    max_quarantine_rate: float = Field(0.01, ge=0.0, le=1.0)
+    max_alert_rate: float = Field(0.2, ge=0.0, le=1.0)
+    min_alert_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class SourceConfig(_Strict):
+    """Everything the pipeline needs to know about one log source."""
+
+    name: Identifier
+    description: str = ""
+    start_date: date
+    files: list[str] = Field(min_length=1)
+    timestamp: TimestampConfig = TimestampConfig()
+    columns: list[ColumnConfig] = Field(min_length=1)
+    bucket_minutes: int = Field(10, ge=1, le=1440)
+    metrics: list[MetricConfig] = Field(min_length=1)
+    derived: list[DerivedConfig] = Field(default_factory=list)
+    lags: list[int] = Field(default_factory=lambda: [1])
+    training_days: int = Field(7, ge=1, le=366)
+    detectors: list[DetectorConfig] = Field(min_length=1)
+    threshold: ThresholdConfig = ThresholdConfig()
+    incident_gap_buckets: int = Field(0, ge=0)
+    checks: ChecksConfig = ChecksConfig()
+    max_field_length: int = Field(1024, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_identifier(value, "source name")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceConfig:
+        if 1440 % self.bucket_minutes:
+            raise ValueError(f"bucket_minutes {self.bucket_minutes} must divide a day (1440 minutes)")
+        raw = [column.name for column in self.columns]
+        if self.timestamp.column in raw:
+            raise ValueError(
+                f"list the timestamp column {self.timestamp.column!r} under 'timestamp', not 'columns'"
+            )
+        _unique(raw, "column")
+        for metric in self.metrics:
+            if metric.column is not None and metric.column not in raw:
+                raise ValueError(
+                    f"metric {metric.name!r} reads unknown column {metric.column!r}; columns: {raw}"
+                )
+        known = [metric.name for metric in self.metrics]
+        for derived in self.derived:
+            names = expression_names(derived.expression)
+            unknown = sorted(names - set(known))
+            if unknown:
+                raise ValueError(
+                    f"derived {derived.name!r} uses unknown names {unknown}; known so far: {known}"
+                )
+            known.append(derived.name)
+        _unique(known, "metric or derived")
+        features = set(self.feature_columns)
+        for detector in self.detectors:
+            missing = sorted(set(detector.features) - features)
+            if missing:
+                raise ValueError(
+                    f"detector {detector.name!r} uses unknown features {missing}; available: {sorted(features)}"
+                )
+        _unique([detector.name for detector in self.detectors], "detector")
+        return self
+
+    @property
+    def buckets_per_day(self) -> int:
+        return 1440 // self.bucket_minutes
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [metric.name for metric in self.metrics]
+
+    @property
+    def series_columns(self) -> list[str]:
+        """Metrics then derived columns: the per-bucket series a person reads and detectors explain."""
+        return self.metric_names + [derived.name for derived in self.derived]
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """Every column of the ``features`` table a detector may use."""
+        lagged = [f"{name}_lag{lag}" for name in self.series_columns for lag in self.lags]
+        return [*self.series_columns, "tod_sin", "tod_cos", "slot", *lagged]
+
+
+def _unique(names: list[str], what: str) -> None:
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate {what} names: {duplicates}")
+
+
+_ALLOWED_NODES = (
+    ast.Expression,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.USub,
+    ast.UAdd,
+)
+
+
+def _parse_expression(expression: str) -> ast.Expression:
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as error:
+        raise ValueError(f"cannot parse expression {expression!r}: {error.msg}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES) or (
+            isinstance(node, ast.Constant) and not isinstance(node.value, int | float)
+        ):
+            raise ValueError(
+                f"expression {expression!r} may only use column names, numbers, + - * / and parentheses"
+            )
+    return tree
+
+
+def expression_names(expression: str) -> set[str]:
+    """Column names an arithmetic expression refers to (after checking it is only arithmetic)."""
+    tree = _parse_expression(expression)
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+def evaluate_expression(expression: str, columns: dict[str, Any]) -> Any:
+    """Evaluate a checked arithmetic expression over arrays or Series (no ``eval``)."""
+    operators = {
+        ast.Add: lambda a, b: a + b,
+        ast.Sub: lambda a, b: a - b,
+        ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b,
+    }
+
+    def walk(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.BinOp):
+            return operators[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp):
+            operand = walk(node.operand)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        if isinstance(node, ast.Name):
+            return columns[node.id]
+        return node.value  # a numeric constant, checked by _parse_expression
+
+    return walk(_parse_expression(expression))
+
+
+def load_source(path: Path) -> SourceConfig:
+    """Load and validate one source file; errors name the file and the offending field."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read source config: {error}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: a source config must be a mapping of settings")
+    try:
+        return SourceConfig.model_validate(document)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def sources_dirs() -> list[Path]:
+    """The shipped sources plus any directories named in ``ANOMALY_SOURCES_DIR`` (os.pathsep-separated)."""
+    extra = [Path(part) for part in os.environ.get("ANOMALY_SOURCES_DIR", "").split(os.pathsep) if part]
+    return [PACKAGE_SOURCES_DIR, *extra]
+
+
+def load_sources(directories: list[Path] | None = None) -> dict[str, SourceConfig]:
+    """Every ``*.yaml`` source in the given directories, keyed by name; a later directory overrides."""
+    sources: dict[str, SourceConfig] = {}
+    for directory in directories if directories is not None else sources_dirs():
+        if not directory.is_dir():
+            raise ConfigError(f"sources directory {directory} does not exist")
+        for path in sorted(directory.glob("*.yaml")):
+            source = load_source(path)
+            sources[source.name] = source
+    return sources
+
+
+def landing_dir() -> Path:
+    return Path(os.environ.get("ANOMALY_LANDING_DIR", DEFAULT_LANDING_DIR))
+
+
+def warehouse_dir() -> Path:
+    return Path(os.environ.get("ANOMALY_WAREHOUSE_DIR", DEFAULT_WAREHOUSE_DIR))

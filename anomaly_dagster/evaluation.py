@@ -1,0 +1,86 @@
+"""Detections against labels: point and event (incident) metrics.
+
+Labels come in two shapes: the reference format (one line of 0/1 per bucket, aligned with the
+source's buckets from a start day) and a CSV of labelled ranges ``start,end[,kind]`` with
+inclusive bucket starts, which is what the sample generator writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def load_labels(path: Path, bucket_minutes: int, first_day: date | None = None) -> pd.Series:
+    """Labelled bucket starts → True, as a boolean Series indexed by bucket start."""
+    text = Path(path).read_text().strip()
+    first_line = text.splitlines()[0] if text else ""
+    step = pd.Timedelta(minutes=bucket_minutes)
+    if first_line and set(first_line.replace(",", "").strip()) <= {"0", "1"} and "\n" not in text:
+        if first_day is None:
+            raise ValueError(f"{path}: a 0/1 label line needs the day its first bucket belongs to")
+        flags = np.array([int(value) for value in first_line.split(",")], dtype=bool)
+        index = pd.date_range(pd.Timestamp(first_day), periods=len(flags), freq=step)
+        return pd.Series(flags, index=index, name="label")
+    ranges = pd.read_csv(path, parse_dates=["start", "end"])
+    starts = [
+        bucket for row in ranges.itertuples() for bucket in pd.date_range(row.start, row.end, freq=step)
+    ]
+    return pd.Series(True, index=pd.DatetimeIndex(sorted(set(starts))), name="label")
+
+
+def segments(flags: pd.Series, step: pd.Timedelta) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """Runs of consecutive True buckets as (first, last) bucket starts."""
+    on = flags[flags].index.sort_values()
+    if len(on) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(on.asi8) != step.value) + 1
+    return [(chunk[0], chunk[-1]) for chunk in np.split(on, breaks)]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    precision: float
+    recall: float
+    f1: float
+    labelled_incidents: int
+    incidents_caught: int
+    false_incidents: int
+    false_incidents_per_day: float
+    mean_time_to_detect_minutes: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def evaluate(predicted: pd.Series, labels: pd.Series, bucket_minutes: int) -> Evaluation:
+    """Compare boolean per-bucket predictions with labels over the predictions' buckets."""
+    step = pd.Timedelta(minutes=bucket_minutes)
+    truth = labels.reindex(predicted.index, fill_value=False).astype(bool)
+    predicted = predicted.astype(bool)
+    true_positive = int((predicted & truth).sum())
+    precision = true_positive / int(predicted.sum()) if predicted.any() else 0.0
+    recall = true_positive / int(truth.sum()) if truth.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    labelled, found = segments(truth, step), segments(predicted, step)
+    delays = []
+    for start, end in labelled:
+        hits = predicted[start:end]
+        if hits.any():
+            delays.append((hits[hits].index[0] - start) / pd.Timedelta(minutes=1))
+    false = [(s, e) for s, e in found if not truth[s:e].any()]
+    days = max(len(predicted) * bucket_minutes / 1440.0, 1e-9)
+    return Evaluation(
+        precision=round(precision, 4),
+        recall=round(recall, 4),
+        f1=round(f1, 4),
+        labelled_incidents=len(labelled),
+        incidents_caught=len(delays),
+        false_incidents=len(false),
+        false_incidents_per_day=round(len(false) / days, 3),
+        mean_time_to_detect_minutes=round(float(np.mean(delays)), 1) if delays else float("nan"),
+    )

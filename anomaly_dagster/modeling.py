@@ -1,0 +1,176 @@
+"""Walk-forward training, scoring and flagging with the configured detectors.
+
+The model for day D is fitted on the features of up to ``training_days`` days before D, so
+the scores of D are always out of sample. The first day has no history: it is fitted on
+itself and marked ``cold_start`` so nobody mistakes its flags for out-of-sample ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly_dagster.calibration import Threshold, calibrate
+from anomaly_dagster.config import SourceConfig
+from anomaly_dagster.detectors import Detector, detector_class
+
+ENSEMBLE = "ensemble"
+
+
+@dataclass
+class TrainedModel:
+    detectors: dict[str, Detector]
+    thresholds: dict[str, Threshold]
+    training_days: list[date]
+    cold_start: bool
+    training_scores: dict[str, np.ndarray]
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "training_days": [day.isoformat() for day in self.training_days],
+            "cold_start": self.cold_start,
+            "thresholds": {name: threshold.to_dict() for name, threshold in self.thresholds.items()},
+        }
+
+
+def training_window(source: SourceConfig, day: date, available: list[date]) -> tuple[list[date], bool]:
+    """The days the model for ``day`` trains on, and whether that is a cold start."""
+    earlier = [d for d in available if (day - d).days in range(1, source.training_days + 1)]
+    if earlier:
+        return sorted(earlier), False
+    return [day], True
+
+
+def make_detector(source: SourceConfig, name: str) -> Detector:
+    config = next(detector for detector in source.detectors if detector.name == name)
+    params = dict(config.params)
+    if "time_of_day_window" in params:
+        params.setdefault("n_slots", source.buckets_per_day)
+    return detector_class(config.kind)(config.features, **params)
+
+
+def train(source: SourceConfig, features: pd.DataFrame, days: list[date], cold_start: bool) -> TrainedModel:
+    """Fit every configured detector on ``features`` and calibrate its threshold on the same rows."""
+    if features.empty:
+        raise ValueError(f"no feature rows to train on for days {days}")
+    detectors: dict[str, Detector] = {}
+    thresholds: dict[str, Threshold] = {}
+    training_scores: dict[str, np.ndarray] = {}
+    for config in source.detectors:
+        detector = make_detector(source, config.name).fit(features)
+        scores = detector.score(features)
+        detectors[config.name] = detector
+        thresholds[config.name] = calibrate(scores, source.threshold)
+        training_scores[config.name] = scores
+    return TrainedModel(detectors, thresholds, days, cold_start, training_scores)
+
+
+def model_summary(source: SourceConfig, model: TrainedModel) -> pd.DataFrame:
+    """One row per detector: what the ``model`` table shows in the catalog and the UI."""
+    rows = []
+    for name, detector in model.detectors.items():
+        threshold = model.thresholds[name]
+        rows.append(
+            {
+                "detector": name,
+                "kind": detector.kind,
+                "features": ",".join(detector.features),
+                "params": json.dumps(detector.params, sort_keys=True),
+                "threshold_method": threshold.method,
+                "threshold": threshold.value,
+                "threshold_params": json.dumps(threshold.params, sort_keys=True),
+                "training_start": model.training_days[0],
+                "training_end": model.training_days[-1],
+                "training_days": len(model.training_days),
+                "training_rows": len(model.training_scores[name]),
+                "cold_start": model.cold_start,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def score(
+    source: SourceConfig, features: pd.DataFrame, detectors: dict[str, Detector], thresholds: dict[str, float]
+) -> pd.DataFrame:
+    """Long table: one row per bucket and detector, plus an ``ensemble`` row per bucket.
+
+    ``normalized = score / threshold`` puts detectors on one scale (> 1 is over threshold); the
+    ensemble's score is the largest normalized score, it fires when any detector does, and it
+    takes its explanation from the strongest detector that fired.
+    """
+    per_detector = []
+    for name, detector in detectors.items():
+        raw = detector.score(features)
+        threshold = thresholds[name]
+        contributions = detector.explain(features)
+        expected = detector.expected(features)
+        top = np.nan_to_num(np.abs(contributions), nan=-1.0).argmax(axis=1)
+        signed_top = contributions[np.arange(len(features)), top]
+        per_detector.append(
+            pd.DataFrame(
+                {
+                    "bucket_start": features["bucket_start"].to_numpy(),
+                    "detector": name,
+                    "score": raw,
+                    "threshold": threshold,
+                    "normalized": raw / threshold
+                    if threshold > 0
+                    else np.where(raw > threshold, np.inf, 0.0),
+                    "is_anomaly": raw > threshold,
+                    "top_feature": np.asarray(detector.features)[top],
+                    "direction": np.where(signed_top >= 0, "HIGH", "LOW"),
+                    "attribution": [
+                        json.dumps(dict(zip(detector.features, np.round(row, 6).tolist(), strict=True)))
+                        for row in contributions
+                    ],
+                    "expected": (
+                        [None] * len(features)
+                        if expected is None
+                        else [json.dumps(row) for row in expected.round(6).to_dict(orient="records")]
+                    ),
+                }
+            )
+        )
+    long = pd.concat(per_detector, ignore_index=True)
+    long["detectors"] = np.where(long["is_anomaly"], long["detector"], "")
+    return pd.concat([long, _ensemble(long)], ignore_index=True).sort_values(
+        ["bucket_start", "detector"], ignore_index=True
+    )
+
+
+def _ensemble(long: pd.DataFrame) -> pd.DataFrame:
+    ranked = long.assign(rank_key=long["normalized"].fillna(-np.inf)).sort_values(
+        ["bucket_start", "is_anomaly", "rank_key"], ascending=[True, False, False]
+    )
+    strongest = ranked.groupby("bucket_start", sort=True).head(1).set_index("bucket_start")
+    fired = (
+        long[long["is_anomaly"]]
+        .groupby("bucket_start")["detector"]
+        .agg(lambda names: ",".join(sorted(names)))
+    )
+    peak = long.groupby("bucket_start")["normalized"].max()
+    ensemble = pd.DataFrame({"score": peak})
+    ensemble["detector"] = ENSEMBLE
+    ensemble["threshold"] = 1.0
+    ensemble["normalized"] = peak
+    ensemble["detectors"] = fired.reindex(peak.index).fillna("")
+    ensemble["is_anomaly"] = ensemble["detectors"] != ""
+    for column in ("top_feature", "direction", "attribution", "expected"):
+        ensemble[column] = strongest[column].reindex(peak.index)
+    return ensemble.reset_index()
+
+
+def anomalies_from_scores(scores: pd.DataFrame, features: pd.DataFrame, series: list[str]) -> pd.DataFrame:
+    """One row per flagged bucket: ensemble verdict, the detectors that fired, and the observed values."""
+    flagged = scores[(scores["detector"] == ENSEMBLE) & scores["is_anomaly"]]
+    columns = ["bucket_start", "score", "detectors", "top_feature", "direction"]
+    return (
+        flagged[columns]
+        .merge(features[["bucket_start", *series]], on="bucket_start", how="left")
+        .sort_values("bucket_start", ignore_index=True)
+    )

@@ -1,0 +1,352 @@
+"""The stages of one source's chain, as plain functions over a window of days.
+
+Each stage reads its upstream partitions from the warehouse, writes one Parquet partition per
+day per output, records them in the catalog with their lineage, and returns what the
+orchestrator shows (row counts, previews, plots). ``STAGES`` describes the graph: which assets
+each stage writes and which upstream days (offsets) each day of it reads, so the Dagster layer
+can declare exactly the dependencies the code uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from anomaly_dagster import ingest, modeling, plots
+from anomaly_dagster.config import SourceConfig
+from anomaly_dagster.detectors import load_detectors, save_detectors
+from anomaly_dagster.features import build_features
+from anomaly_dagster.incidents import merge_incidents
+from anomaly_dagster.sql import quote_identifier, quote_literal
+from anomaly_dagster.storage import atomic_write_bytes
+from anomaly_dagster.warehouse import RunInfo, Warehouse, WrittenPartition
+
+MODEL_FILE = "model.npz"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Day ``D`` of a stage reads days ``D+start_offset .. D+end_offset`` of ``asset``."""
+
+    asset: str
+    start_offset: int = 0
+    end_offset: int = 0
+
+    def days(self, day: date) -> list[date]:
+        return [day + timedelta(days=offset) for offset in range(self.start_offset, self.end_offset + 1)]
+
+
+@dataclass
+class AssetOutput:
+    """What one stage wrote for one asset over the window, for metadata and checks."""
+
+    asset: str
+    frames: dict[date, pd.DataFrame]
+    written: list[WrittenPartition]
+    plots: list[Path] = field(default_factory=list)
+    summary: dict[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    source: SourceConfig
+    warehouse: Warehouse
+    landing_dir: Path
+    run: RunInfo
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    outputs: tuple[str, ...]
+    upstream: Callable[[SourceConfig], tuple[Upstream, ...]]
+    run: Callable[[StageContext, list[date]], list[AssetOutput]]
+    description: str
+
+
+def _write(
+    context: StageContext, asset: str, frames: dict[date, pd.DataFrame], upstream: list[Upstream]
+) -> AssetOutput:
+    written = [
+        context.warehouse.write_partition(
+            context.source.name,
+            asset,
+            day,
+            frame,
+            [
+                (dependency.asset, upstream_day)
+                for dependency in upstream
+                for upstream_day in dependency.days(day)
+            ],
+        )
+        for day, frame in sorted(frames.items())
+    ]
+    return AssetOutput(asset, frames, written)
+
+
+def _record(context: StageContext, outputs: list[AssetOutput]) -> list[AssetOutput]:
+    context.warehouse.record([part for output in outputs for part in output.written], context.run)
+    return outputs
+
+
+# --- ingest: raw_events + quarantine -------------------------------------------------------------
+
+
+def run_ingest(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    source, warehouse = context.source, context.warehouse
+    files = ingest.discover(source, context.landing_dir)
+    index = ingest.LandingIndex(warehouse.asset_dir(source.name, "landing_index") / "index.json")
+    window = ingest.ingest_window(source, index.refresh(source, files), days)
+    events_written = []
+    counts: dict[date, pd.DataFrame] = {}
+    for day in days:
+        written = warehouse.write_partition_query(
+            source.name, "raw_events", day, window.connection, window.events_sql(day)
+        )
+        events_written.append(written)
+        counts[day] = pd.DataFrame({"events": [written.row_count], "files": [len(window.files[day])]})
+    window.connection.close()
+    raw = AssetOutput("raw_events", counts, events_written)
+    quarantine = _write(context, "quarantine", window.quarantine, [])
+    for output, name in ((raw, "events"), (quarantine, "rows")):
+        output.summary[name] = sum(part.row_count for part in output.written)
+    return _record(context, [raw, quarantine])
+
+
+# --- resample ------------------------------------------------------------------------------------
+
+
+def resample_sql(source: SourceConfig, event_files: list[str], days: list[date]) -> str:
+    """One query: bucket every event of ``days`` and left-join onto the full bucket grid.
+
+    Counts are zero in empty buckets (an outage is a drop to zero, not a missing row); other
+    aggregations are NULL there.
+    """
+    aggregations = {
+        "count": lambda column: "count(*)",
+        "nunique": lambda column: f"count(DISTINCT {column})",
+        "sum": lambda column: f"sum({column})",
+        "mean": lambda column: f"avg({column})",
+        "min": lambda column: f"min({column})",
+        "max": lambda column: f"max({column})",
+        "p95": lambda column: f"quantile_cont({column}, 0.95)",
+    }
+    interval = f"INTERVAL {int(source.bucket_minutes)} MINUTE"
+    metrics = ", ".join(
+        f"{aggregations[metric.agg](quote_identifier(metric.column) if metric.column else '')} "
+        f"AS {quote_identifier(metric.name)}"
+        for metric in source.metrics
+    )
+    filled = ", ".join(
+        f"coalesce(a.{quote_identifier(metric.name)}, 0) AS {quote_identifier(metric.name)}"
+        if metric.is_count
+        else f"a.{quote_identifier(metric.name)}"
+        for metric in source.metrics
+    )
+    grid = " UNION ALL ".join(
+        f"SELECT unnest(range({quote_literal(day.isoformat())}::TIMESTAMP, "
+        f"{quote_literal((day + timedelta(days=1)).isoformat())}::TIMESTAMP, {interval})) AS bucket_start"
+        for day in days
+    )
+    files = "[" + ", ".join(quote_literal(path) for path in event_files) + "]"
+    events = (
+        f"SELECT time_bucket({interval}, timestamp) AS bucket_start, {metrics} FROM read_parquet({files}) GROUP BY 1"
+        if event_files
+        else f"SELECT NULL::TIMESTAMP AS bucket_start, {metrics} FROM (SELECT 1) WHERE false"
+    )
+    return (
+        f"WITH grid AS ({grid}), a AS ({events}) "
+        f"SELECT g.bucket_start, {filled} FROM grid g LEFT JOIN a USING (bucket_start) ORDER BY g.bucket_start"
+    )
+
+
+def run_resample(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    source, warehouse = context.source, context.warehouse
+    files = [
+        str(path)
+        for path in (warehouse.partition_file(source.name, "raw_events", day) for day in days)
+        if path.exists()
+    ]
+    with duckdb.connect() as connection:
+        table = connection.execute(resample_sql(source, files, days)).df()
+    table["bucket_start"] = table["bucket_start"].astype("datetime64[us]")
+    for metric in source.metrics:
+        if metric.is_count:
+            table[metric.name] = table[metric.name].astype("int64")
+    frames = {day: part.reset_index(drop=True) for day, part in table.groupby(table["bucket_start"].dt.date)}
+    output = _write(context, "resampled", frames, [Upstream("raw_events")])
+    return _record(context, [output])
+
+
+# --- features ------------------------------------------------------------------------------------
+
+
+def run_features(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    source, warehouse = context.source, context.warehouse
+    resampled = warehouse.read_partitions(
+        source.name, "resampled", [d - timedelta(days=1) for d in days] + days
+    )
+    if resampled.empty:
+        raise FileNotFoundError(f"no resampled partitions for {source.name} on {days[0]}..{days[-1]}")
+    by_day = {day: frame for day, frame in resampled.groupby(resampled["bucket_start"].dt.date)}
+    frames = {}
+    for day in days:
+        if day not in by_day:
+            raise FileNotFoundError(
+                f"{source.name}: resampled partition {day} is missing; materialize it first"
+            )
+        window = pd.concat([by_day.get(day - timedelta(days=1), by_day[day].iloc[:0]), by_day[day]])
+        frames[day] = build_features(source, day, window)
+    output = _write(context, "features", frames, [Upstream("resampled", -1, 0)])
+    return _record(context, [output])
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def model_path(warehouse: Warehouse, source: SourceConfig, day: date) -> Path:
+    return warehouse.partition_dir(source.name, "model", day) / MODEL_FILE
+
+
+def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    source, warehouse = context.source, context.warehouse
+    available = warehouse.existing_days(source.name, "features")
+    frames, written, plot_paths = {}, [], []
+    for day in days:
+        window, cold_start = modeling.training_window(source, day, available)
+        features = warehouse.read_partitions(source.name, "features", window)
+        model = modeling.train(source, features, window, cold_start)
+        save_detectors(model_path(warehouse, source, day), model.detectors, model.manifest())
+        frames[day] = modeling.model_summary(source, model)
+        written.append(
+            warehouse.write_partition(
+                source.name,
+                "model",
+                day,
+                frames[day],
+                [("features", training_day) for training_day in window],
+            )
+        )
+        plot = warehouse.plot_file(source.name, "thresholds", day)
+        atomic_write_bytes(
+            plot,
+            plots.threshold_histogram(
+                model.training_scores,
+                {name: threshold.value for name, threshold in model.thresholds.items()},
+                f"{source.name} model {day}: training scores {window[0]}..{window[-1]}"
+                + (" (cold start)" if cold_start else ""),
+            ),
+        )
+        plot_paths.append(plot)
+    output = AssetOutput("model", frames, written, plot_paths)
+    output.summary["cold_start_days"] = sum(bool(frame["cold_start"].iloc[0]) for frame in frames.values())
+    return _record(context, [output])
+
+
+# --- scores --------------------------------------------------------------------------------------
+
+
+def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    source, warehouse = context.source, context.warehouse
+    frames, plot_paths = {}, []
+    for day in days:
+        features = warehouse.read_partitions(source.name, "features", [day])
+        detectors, document = load_detectors(model_path(warehouse, source, day))
+        thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
+        frames[day] = modeling.score(source, features, detectors, thresholds)
+        plot = warehouse.plot_file(source.name, "scores", day)
+        atomic_write_bytes(
+            plot, plots.series_plot(features, frames[day], source.series_columns, f"{source.name} {day}")
+        )
+        plot_paths.append(plot)
+    output = _write(context, "scores", frames, [Upstream("features"), Upstream("model")])
+    output.plots = plot_paths
+    return _record(context, [output])
+
+
+# --- anomalies + incidents -----------------------------------------------------------------------
+
+
+def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    source, warehouse = context.source, context.warehouse
+    anomalies, incidents = {}, {}
+    bucket = pd.Timedelta(minutes=source.bucket_minutes)
+    for day in days:
+        scores = warehouse.read_partitions(source.name, "scores", [day])
+        features = warehouse.read_partitions(source.name, "features", [day])
+        anomalies[day] = modeling.anomalies_from_scores(scores, features, source.series_columns)
+        incidents[day] = merge_incidents(anomalies[day], bucket, source.incident_gap_buckets)
+    outputs = [
+        _write(context, "anomalies", anomalies, [Upstream("scores"), Upstream("features")]),
+        _write(context, "incidents", incidents, [Upstream("anomalies")]),
+    ]
+    outputs[0].summary["flagged_buckets"] = sum(len(frame) for frame in anomalies.values())
+    outputs[1].summary["incidents"] = sum(len(frame) for frame in incidents.values())
+    return _record(context, outputs)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "ingest", ("raw_events", "quarantine"), lambda s: (), run_ingest, "Landing files → typed UTC events."
+    ),
+    Stage(
+        "resample",
+        ("resampled",),
+        lambda s: (Upstream("raw_events"),),
+        run_resample,
+        "Events → one row per bucket, empty buckets as zeros.",
+    ),
+    Stage(
+        "features",
+        ("features",),
+        lambda s: (Upstream("resampled", -1, 0),),
+        run_features,
+        "Derived columns, time-of-day encodings, lags.",
+    ),
+    Stage(
+        "train",
+        ("model",),
+        lambda s: (Upstream("features", -s.training_days, 0),),
+        run_train,
+        "Walk-forward detectors and thresholds.",
+    ),
+    Stage(
+        "score",
+        ("scores",),
+        lambda s: (Upstream("features"), Upstream("model")),
+        run_score,
+        "Per bucket and detector: score, threshold, flag, attribution.",
+    ),
+    Stage(
+        "detect",
+        ("anomalies", "incidents"),
+        lambda s: (Upstream("scores"), Upstream("features")),
+        run_detect,
+        "Flagged buckets and merged incidents.",
+    ),
+)
+
+ASSET_DESCRIPTIONS = {
+    "raw_events": "The day's events from every landing file, typed and in UTC.",
+    "quarantine": "Rows and files that could not be ingested, with file, line and reason.",
+    "resampled": "One row per bucket of the day; counts are zero in empty buckets.",
+    "features": "Model inputs: metrics, derived columns, time-of-day encodings and lags.",
+    "model": "Detectors trained walk-forward on the days before, with calibrated thresholds.",
+    "scores": "Per bucket and detector: score, threshold, flag, attribution, expected value.",
+    "anomalies": "One row per flagged bucket with the detectors that fired.",
+    "incidents": "Consecutive flagged buckets merged: start, end, peak, top feature and direction.",
+}
+
+
+def run_window(context: StageContext, days: list[date]) -> dict[str, AssetOutput]:
+    """Every stage in order over ``days`` (the CLI and tests; Dagster runs stages as assets)."""
+    outputs: dict[str, AssetOutput] = {}
+    for stage in STAGES:
+        for output in stage.run(context, days):
+            outputs[output.asset] = output
+    return outputs

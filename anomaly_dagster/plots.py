@@ -1,0 +1,58 @@
+"""PNG plots a person looks at: the series with flagged buckets, scores against thresholds,
+and the training-score histogram with the calibrated threshold line."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+DPI = 80
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def series_plot(features: pd.DataFrame, scores: pd.DataFrame, series: list[str], title: str) -> bytes:
+    """One panel per series with flagged buckets marked, and the ensemble score against 1.0."""
+    ensemble = scores[scores["detector"] == "ensemble"].sort_values("bucket_start")
+    flagged = ensemble[ensemble["is_anomaly"]]["bucket_start"]
+    figure, axes = plt.subplots(len(series) + 1, 1, figsize=(11, 1.8 * (len(series) + 1)), sharex=True)
+    for axis, name in zip(axes, series, strict=False):
+        axis.plot(features["bucket_start"], features[name], linewidth=0.8, color="tab:blue")
+        marked = features[features["bucket_start"].isin(flagged)]
+        axis.scatter(marked["bucket_start"], marked[name], color="tab:red", s=12, zorder=3, label="flagged")
+        axis.set_ylabel(name)
+    score_axis = axes[-1]
+    score_axis.plot(ensemble["bucket_start"], ensemble["score"], linewidth=0.8, color="tab:purple")
+    score_axis.axhline(1.0, color="tab:red", linestyle="--", linewidth=0.8)
+    score_axis.set_yscale("symlog")
+    score_axis.set_ylabel("score / threshold")
+    axes[0].set_title(title)
+    return _png(figure)
+
+
+def threshold_histogram(
+    training_scores: dict[str, np.ndarray], thresholds: dict[str, float], title: str
+) -> bytes:
+    """Per detector: the distribution of training-window scores and the calibrated threshold."""
+    names = list(training_scores)
+    figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.6), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        values = training_scores[name][np.isfinite(training_scores[name])]
+        axis.hist(values, bins=40, color="tab:gray")
+        axis.axvline(thresholds[name], color="tab:red", linestyle="--", label="threshold")
+        axis.set_title(f"{name}: {thresholds[name]:.3g}", fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    return _png(figure)

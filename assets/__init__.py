@@ -1,0 +1,1 @@
+"""Dagster asset definitions: thin glue that runs the library's stages as assets."""

@@ -1,0 +1,142 @@
+"""One asset chain per configured source, generated from the library's stage table.
+
+Each stage becomes a multi-asset (ingest writes ``raw_events`` and ``quarantine``; detect writes
+``anomalies`` and ``incidents``) with daily partitions and a single-run backfill policy: a
+backfill over a range is one run in which each stage processes every day of the range.
+"""
+
+import base64
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import dagster as dg
+
+from anomaly_dagster import __version__, checks
+from anomaly_dagster.config import SourceConfig
+from anomaly_dagster.pipeline import ASSET_DESCRIPTIONS, STAGES, AssetOutput, Stage, StageContext, Upstream
+from anomaly_dagster.sql import parse_day
+from anomaly_dagster.warehouse import RunInfo
+from resources.warehouse import WarehouseResource
+
+PREVIEW_ROWS = 8
+CHECKS: dict[str, tuple[str, str]] = {
+    # asset: (check name, description)
+    "resampled": ("complete_buckets", "Every day has its full bucket grid: no gaps, no duplicates."),
+    "quarantine": ("quarantine_rate", "Quarantined rows per day stay under checks.max_quarantine_rate."),
+    "anomalies": ("alert_rate", "Flagged buckets per day stay within the configured alert-rate bounds."),
+}
+
+
+def daily_partitions(source: SourceConfig) -> dg.DailyPartitionsDefinition:
+    return dg.DailyPartitionsDefinition(start_date=source.start_date.isoformat())
+
+
+def _mapping(upstream: Upstream) -> dg.PartitionMapping | None:
+    if (upstream.start_offset, upstream.end_offset) == (0, 0):
+        return None
+    return dg.TimeWindowPartitionMapping(start_offset=upstream.start_offset, end_offset=upstream.end_offset)
+
+
+def _png_markdown(path: Path) -> dg.MetadataValue:
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{encoded})")
+
+
+def _metadata(output: AssetOutput) -> dict[str, object]:
+    rows = sum(part.row_count for part in output.written)
+    metadata: dict[str, object] = {
+        "dagster/row_count": rows,
+        "rows_per_day": dg.MetadataValue.json({p.day.isoformat(): p.row_count for p in output.written}),
+        "path": dg.MetadataValue.path(str(output.written[-1].path.parent.parent)) if output.written else "",
+        **output.summary,
+    }
+    if output.frames:
+        last_day = max(output.frames)
+        preview = output.frames[last_day].head(PREVIEW_ROWS)
+        table = preview.to_markdown(index=False) if len(preview) else "(no rows)"
+        metadata["preview"] = dg.MetadataValue.md(f"**{last_day}**\n\n{table}")
+    if output.plots:
+        metadata["plot"] = _png_markdown(output.plots[-1])
+        metadata["plot_path"] = dg.MetadataValue.path(str(output.plots[-1]))
+    return metadata
+
+
+def _check_results(source: SourceConfig, outputs: dict[str, AssetOutput]) -> Iterator[dg.AssetCheckResult]:
+    for asset, output in outputs.items():
+        if asset not in CHECKS:
+            continue
+        if asset == "resampled":
+            outcome = checks.complete_buckets(source, output.frames)
+            severity = dg.AssetCheckSeverity.ERROR
+        elif asset == "quarantine":
+            events = {part.day: part.row_count for part in outputs["raw_events"].written}
+            outcome = checks.quarantine_rate(source, events, output.frames)
+            severity = dg.AssetCheckSeverity.ERROR
+        else:
+            outcome = checks.alert_rate(source, output.frames)
+            severity = dg.AssetCheckSeverity.WARN
+        yield dg.AssetCheckResult(
+            asset_key=dg.AssetKey([source.name, asset]),
+            check_name=CHECKS[asset][0],
+            passed=outcome.passed,
+            severity=severity,
+            description=outcome.description,
+            metadata={"per_day": dg.MetadataValue.json(outcome.per_day)},
+        )
+
+
+def _stage_asset(
+    source: SourceConfig, stage: Stage, partitions: dg.PartitionsDefinition
+) -> dg.AssetsDefinition:
+    deps = [
+        dg.AssetDep(dg.AssetKey([source.name, upstream.asset]), partition_mapping=_mapping(upstream))
+        for upstream in stage.upstream(source)
+    ]
+    specs = [
+        dg.AssetSpec(
+            key=[source.name, asset],
+            deps=deps,
+            description=ASSET_DESCRIPTIONS[asset],
+            group_name=source.name,
+            kinds={"duckdb", "parquet"},
+            code_version=__version__,
+        )
+        for asset in stage.outputs
+    ]
+    check_specs = [
+        dg.AssetCheckSpec(
+            CHECKS[asset][0], asset=dg.AssetKey([source.name, asset]), description=CHECKS[asset][1]
+        )
+        for asset in stage.outputs
+        if asset in CHECKS
+    ]
+
+    @dg.multi_asset(
+        name=f"{source.name}__{stage.name}",
+        specs=specs,
+        check_specs=check_specs,
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        description=stage.description,
+    )
+    def _materialize(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator:
+        days: list[date] = sorted(parse_day(key) for key in context.partition_keys)
+        stage_context = StageContext(
+            source, warehouse.open(), warehouse.landing_path, RunInfo(context.run.run_id, __version__)
+        )
+        context.log.info(f"{source.name} {stage.name}: {days[0]}..{days[-1]} ({len(days)} day(s))")
+        outputs = {output.asset: output for output in stage.run(stage_context, days)}
+        for asset, output in outputs.items():
+            yield dg.MaterializeResult(
+                asset_key=dg.AssetKey([source.name, asset]), metadata=_metadata(output)
+            )
+        yield from _check_results(source, outputs)
+
+    return _materialize
+
+
+def build_source_assets(source: SourceConfig) -> list[dg.AssetsDefinition]:
+    """The whole chain of one source, keyed ``[<source>, <asset>]``."""
+    partitions = daily_partitions(source)
+    return [_stage_asset(source, stage, partitions) for stage in STAGES]
