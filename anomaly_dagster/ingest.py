@@ -238,7 +238,7 @@ def load_file(
     connection.execute(f"CREATE OR REPLACE TEMP TABLE typed AS {_typed_sql(source, path, kind)}")
     if kind != "csv":
         return True, pd.DataFrame(columns=QUARANTINE_COLUMNS)
-    _shift_lines_past_rejects(connection)
+    _shift_lines_past_rejects(connection, path)
     return True, _reject_quarantine(connection, path)
 
 
@@ -253,13 +253,21 @@ def _empty_typed(source: SourceConfig) -> str:
     )
 
 
-def _shift_lines_past_rejects(connection: duckdb.DuckDBPyConnection) -> None:
-    """Good rows were numbered among themselves; count the rejected lines before each one back in."""
-    # The i-th rejected line r_i (0-based i, 1 header line) precedes the o-th good row exactly when
-    # r_i - 1 - i <= o, so the good row's line is o + 1 + #{i : r_i - 1 - i <= o}.
+def _shift_lines_past_rejects(connection: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Good rows were numbered among themselves; count the rejected and blank lines before each one back in.
+
+    DuckDB's CSV reader skips empty lines without a trace, so they are found with a one-column scan.
+    """
+    # The i-th rejected or blank line r_i (0-based i, 1 header line) precedes the o-th good row exactly
+    # when r_i - 1 - i <= o, so the good row's line is o + 1 + #{i : r_i - 1 - i <= o}.
+    blank = (
+        f"SELECT line FROM (SELECT row_number() OVER () AS line, {TEXT_COLUMN} FROM read_csv("
+        f"{quote_literal(str(path))}, columns = {{'{TEXT_COLUMN}': 'VARCHAR'}}, header = false, delim = E'\\x01', "
+        f"quote = '', escape = '', auto_detect = false, strict_mode = false)) WHERE {TEXT_COLUMN} IS NULL"
+    )
     connection.execute(
         "CREATE OR REPLACE TEMP TABLE reject_steps AS SELECT line - 1 - (row_number() OVER (ORDER BY line) - 1) "
-        "AS step FROM (SELECT DISTINCT line FROM reject_errors)"
+        f"AS step FROM (SELECT DISTINCT line FROM reject_errors UNION {blank})"
     )
     if connection.execute("SELECT count(*) FROM reject_steps").fetchone()[0]:
         connection.execute(

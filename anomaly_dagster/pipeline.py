@@ -216,34 +216,22 @@ def model_path(warehouse: Warehouse, source: SourceConfig, day: date) -> Path:
 def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     available = warehouse.existing_days(source.name, "features")
-    frames, written, plot_paths = {}, [], []
+    frames, written = {}, []
     for day in days:
         window, cold_start = modeling.training_window(source, day, available)
-        features = warehouse.read_partitions(source.name, "features", window)
-        model = modeling.train(source, features, window, cold_start)
+        model = modeling.train(source, warehouse.read_partitions(source.name, "features", window), window, cold_start)
         save_detectors(model_path(warehouse, source, day), model.detectors, model.manifest())
         frames[day] = modeling.model_summary(source, model)
-        written.append(
-            warehouse.write_partition(
-                source.name,
-                "model",
-                day,
-                frames[day],
-                [("features", training_day) for training_day in window],
-            )
-        )
-        plot = warehouse.plot_file(source.name, "thresholds", day)
-        atomic_write_bytes(
-            plot,
-            plots.threshold_histogram(
-                model.training_scores,
-                {name: threshold.value for name, threshold in model.thresholds.items()},
-                f"{source.name} model {day}: training scores {window[0]}..{window[-1]}"
-                + (" (cold start)" if cold_start else ""),
-            ),
-        )
-        plot_paths.append(plot)
-    output = AssetOutput("model", frames, written, plot_paths)
+        upstream = [("features", training_day) for training_day in window]
+        written.append(warehouse.write_partition(source.name, "model", day, frames[day], upstream))
+    # the calibration plot of the newest model in the window: what the UI shows for this run
+    plot = warehouse.plot_file(source.name, "thresholds", days[0], days[-1])
+    title = f"{source.name} model {day}: training scores {window[0]}..{window[-1]}" + (
+        " (cold start)" if cold_start else ""
+    )
+    thresholds = {name: threshold.value for name, threshold in model.thresholds.items()}
+    atomic_write_bytes(plot, plots.threshold_histogram(model.training_scores, thresholds, title))
+    output = AssetOutput("model", frames, written, [plot])
     output.summary["cold_start_days"] = sum(bool(frame["cold_start"].iloc[0]) for frame in frames.values())
     return _record(context, [output])
 
@@ -253,19 +241,25 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
 
 def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
-    frames, plot_paths = {}, []
+    frames = {}
     for day in days:
         features = warehouse.read_partitions(source.name, "features", [day])
         detectors, document = load_detectors(model_path(warehouse, source, day))
         thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
         frames[day] = modeling.score(source, features, detectors, thresholds)
-        plot = warehouse.plot_file(source.name, "scores", day)
-        atomic_write_bytes(
-            plot, plots.series_plot(features, frames[day], source.series_columns, f"{source.name} {day}")
-        )
-        plot_paths.append(plot)
     output = _write(context, "scores", frames, [Upstream("features"), Upstream("model")])
-    output.plots = plot_paths
+    plot = warehouse.plot_file(source.name, "scores", days[0], days[-1])
+    window = f"{days[0]}" if len(days) == 1 else f"{days[0]}..{days[-1]}"
+    atomic_write_bytes(
+        plot,
+        plots.series_plot(
+            warehouse.read_partitions(source.name, "features", days),
+            pd.concat(frames.values(), ignore_index=True),
+            source.series_columns,
+            f"{source.name} {window}",
+        ),
+    )
+    output.plots = [plot]
     return _record(context, [output])
 
 

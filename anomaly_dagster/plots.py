@@ -18,7 +18,6 @@ DPI = 80
 
 def _png(figure: plt.Figure) -> bytes:
     buffer = io.BytesIO()
-    figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
     return buffer.getvalue()
@@ -29,6 +28,7 @@ def series_plot(features: pd.DataFrame, scores: pd.DataFrame, series: list[str],
     ensemble = scores[scores["detector"] == "ensemble"].sort_values("bucket_start")
     flagged = ensemble[ensemble["is_anomaly"]]["bucket_start"]
     figure, axes = plt.subplots(len(series) + 1, 1, figsize=(11, 1.8 * (len(series) + 1)), sharex=True)
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.95, bottom=0.06, hspace=0.15)
     for axis, name in zip(axes, series, strict=False):
         axis.plot(features["bucket_start"], features[name], linewidth=0.8, color="tab:blue")
         marked = features[features["bucket_start"].isin(flagged)]
@@ -49,6 +49,7 @@ def threshold_histogram(
     """Per detector: the distribution of training-window scores and the calibrated threshold."""
     names = list(training_scores)
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.6), squeeze=False)
+    figure.subplots_adjust(left=0.06, right=0.98, top=0.78, bottom=0.12, wspace=0.3)
     for axis, name in zip(axes[0], names, strict=True):
         values = training_scores[name][np.isfinite(training_scores[name])]
         axis.hist(values, bins=40, color="tab:gray")

@@ -101,10 +101,10 @@ class Warehouse:
     def partition_file(self, source: str, asset: str, day: date | str) -> Path:
         return self.partition_dir(source, asset, day) / PART_FILE
 
-    def plot_file(self, source: str, name: str, day: date | str) -> Path:
-        return (
-            self.asset_dir(source, "plots") / validate_identifier(name, "plot name") / f"{parse_day(day)}.png"
-        )
+    def plot_file(self, source: str, name: str, first_day: date, last_day: date) -> Path:
+        """``plots/<name>/<first>_<last>.png``: one plot per materialized window (a day or a backfill range)."""
+        window = f"{parse_day(first_day)}_{parse_day(last_day)}"
+        return self.asset_dir(source, "plots") / validate_identifier(name, "plot name") / f"{window}.png"
 
     # --- Parquet -------------------------------------------------------------------------------
 

@@ -1,0 +1,161 @@
+"""The whole asset graph materialized in-process by Dagster on generated logs, table by table."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly_dagster.config import load_sources
+from anomaly_dagster.definitions import build_definitions
+from anomaly_dagster.warehouse import Warehouse
+
+DAYS = [date(2020, 7, 7) + timedelta(days=offset) for offset in range(4)]
+ASSETS = ["raw_events", "quarantine", "resampled", "features", "model", "scores", "anomalies", "incidents"]
+
+
+def _read_generated(files: list[Path]) -> pd.DataFrame:
+    frames = [
+        pd.read_json(path, lines=True, dtype=False)
+        if path.suffix == ".jsonl"
+        else pd.read_csv(path, dtype=str)
+        for path in files
+    ]
+    events = pd.concat(frames, ignore_index=True)
+    events["timestamp"] = pd.to_datetime(events["timestamp"])
+    events["user"] = events["user"].str.strip()
+    return events
+
+
+@pytest.fixture(scope="module")
+def materialized(generated_logs, tmp_path_factory) -> tuple[Warehouse, dg.ExecuteInProcessResult]:
+    warehouse_dir = tmp_path_factory.mktemp("warehouse")
+    defs = build_definitions(load_sources(), str(generated_logs.files[0].parent), str(warehouse_dir))
+    job = defs.resolve_job_def("clickstream_pipeline")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        tags={
+            "dagster/asset_partition_range_start": DAYS[0].isoformat(),
+            "dagster/asset_partition_range_end": DAYS[-1].isoformat(),
+        },
+    )
+    return Warehouse(warehouse_dir), result
+
+
+def test_every_asset_materialized_for_every_day(materialized):
+    _, result = materialized
+    assert result.success
+    for asset in ASSETS:
+        events = [
+            event for event in result.get_asset_materialization_events() if event.asset_key.path[-1] == asset
+        ]
+        assert sorted(event.partition for event in events) == [day.isoformat() for day in DAYS], asset
+
+
+def test_asset_checks_pass(materialized):
+    _, result = materialized
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == {"complete_buckets", "quarantine_rate", "alert_rate"}
+    assert evaluations["complete_buckets"].passed
+    assert evaluations["quarantine_rate"].passed
+
+
+def test_raw_events_and_resampled_match_the_files(materialized, generated_logs):
+    warehouse, _ = materialized
+    events = _read_generated(generated_logs.files)
+    events = events[events["timestamp"].dt.date.isin(DAYS)]
+    stored = warehouse.query("SELECT count(*) AS n FROM clickstream.raw_events")["n"].iloc[0]
+    assert stored == len(events)
+    resampled = warehouse.query("SELECT * FROM clickstream.resampled ORDER BY bucket_start")
+    assert len(resampled) == 144 * len(DAYS)
+    expected = events.groupby(events["timestamp"].dt.floor("10min")).agg(
+        clicks=("user", "size"), users=("user", "nunique")
+    )
+    expected = expected.reindex(pd.DatetimeIndex(resampled["bucket_start"]), fill_value=0)
+    np.testing.assert_array_equal(resampled["clicks"].to_numpy(), expected["clicks"].to_numpy())
+    np.testing.assert_array_equal(resampled["users"].to_numpy(), expected["users"].to_numpy())
+
+
+def test_features_derive_residual_and_read_the_previous_day(materialized):
+    warehouse, _ = materialized
+    features = warehouse.query("SELECT * FROM clickstream.features ORDER BY bucket_start")
+    np.testing.assert_allclose(features["residual"], features["clicks"] - features["users"])
+    np.testing.assert_allclose(
+        features["users_lag1"].iloc[1:].to_numpy(), features["users"].iloc[:-1].to_numpy()
+    )
+    first = features.iloc[0]
+    assert np.isnan(first["users_lag1"])  # no day before the first partition: NaN, not zero
+    assert features["slot"].min() == 0 and features["slot"].max() == 143
+
+
+def test_model_is_walk_forward(materialized):
+    warehouse, _ = materialized
+    model = warehouse.query("SELECT * FROM clickstream.model ORDER BY date, detector")
+    assert set(model["detector"]) == {"zscore", "iqr", "iforest"}
+    first = model[model["date"] == pd.Timestamp(DAYS[0])]
+    assert first["cold_start"].all() and (first["training_start"] == pd.Timestamp(DAYS[0])).all()
+    later = model[model["date"] > pd.Timestamp(DAYS[0])]
+    assert not later["cold_start"].any()
+    assert (later["training_end"] < later["date"]).all()  # trained only on days before the partition
+    last = model[model["date"] == pd.Timestamp(DAYS[-1])]
+    assert (last["training_days"] == 3).all() and (last["threshold_method"] == "sigma").all()
+    assert (warehouse.partition_dir("clickstream", "model", DAYS[-1]) / "model.npz").exists()
+
+
+def test_scores_carry_thresholds_from_the_model_and_an_ensemble(materialized):
+    warehouse, _ = materialized
+    scores = warehouse.query("SELECT * FROM clickstream.scores")
+    assert set(scores["detector"]) == {"zscore", "iqr", "iforest", "ensemble"}
+    assert len(scores) == 4 * 144 * len(DAYS)
+    model = warehouse.query("SELECT date, detector, threshold FROM clickstream.model")
+    joined = scores.merge(model, on=["date", "detector"], suffixes=("", "_model"))
+    np.testing.assert_allclose(joined["threshold"], joined["threshold_model"])
+    per_detector = scores[scores["detector"] != "ensemble"]
+    assert (per_detector["is_anomaly"] == (per_detector["score"] > per_detector["threshold"])).all()
+    assert set(scores["direction"].dropna()) <= {"HIGH", "LOW"}
+
+
+def test_anomalies_and_incidents_follow_the_scores(materialized, generated_logs):
+    warehouse, _ = materialized
+    flagged = warehouse.query(
+        "SELECT bucket_start FROM clickstream.scores WHERE detector = 'ensemble' AND is_anomaly ORDER BY 1"
+    )
+    anomalies = warehouse.query("SELECT * FROM clickstream.anomalies ORDER BY bucket_start")
+    assert anomalies["bucket_start"].tolist() == flagged["bucket_start"].tolist()
+    incidents = warehouse.query("SELECT * FROM clickstream.incidents ORDER BY start")
+    assert incidents["buckets"].sum() == len(anomalies)
+    assert (incidents["end"] >= incidents["start"]).all()
+    # every injected fault after the cold-start day overlaps a detected incident
+    for fault in generated_logs.incidents:
+        if fault.start.date() == DAYS[0]:
+            continue
+        overlap = incidents[(incidents["start"] <= fault.end) & (incidents["end"] >= fault.start)]
+        assert len(overlap), f"missed injected {fault.kind} {fault.start}..{fault.end}"
+
+
+def test_catalog_lineage_and_plots(materialized):
+    warehouse, _ = materialized
+    lineage = warehouse.query("SELECT * FROM meta.lineage")
+    assert len(lineage) == len(ASSETS) * len(DAYS)
+    assert set(lineage["asset"]) == set(ASSETS)
+    features = lineage[(lineage["asset"] == "features") & (lineage["partition"] == DAYS[1].isoformat())]
+    upstream = features["upstream"].iloc[0]
+    assert DAYS[0].isoformat() in upstream and "resampled" in upstream
+    for path in lineage["path"]:
+        assert Path(path).exists()
+    plots = list((warehouse.root / "clickstream" / "plots").rglob("*.png"))
+    assert {plot.parent.name for plot in plots} == {"scores", "thresholds"}
+    assert all(plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for plot in plots)
+    with duckdb.connect(str(warehouse.catalog_path), read_only=True) as connection:
+        views = {
+            row[0]
+            for row in connection.execute(
+                "SELECT view_name FROM duckdb_views() WHERE NOT internal"
+            ).fetchall()
+        }
+    assert set(ASSETS) <= views
