@@ -1,0 +1,52 @@
+"""The daily schedule and the landing-folder sensor, evaluated against real files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import date, datetime
+
+import dagster as dg
+
+from anomaly_dagster.config import load_sources
+from anomaly_dagster.definitions import build_definitions
+from anomaly_dagster.generate import generate_clickstream
+
+
+def test_landing_sensor_requests_the_partitions_new_or_changed_files_touch(tmp_path):
+    landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
+    generated = generate_clickstream(landing, days=3, start=date(2020, 7, 7), seed=3)
+    defs = build_definitions(load_sources(), str(landing), str(warehouse))
+    sensor = defs.resolve_sensor_def("clickstream_landing")
+    instance = dg.DagsterInstance.ephemeral()
+
+    first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    requested = sorted(request.partition_key for request in first.run_requests)
+    # files spill a few events past midnight, so the last file also touches the day after it
+    assert requested[:3] == ["2020-07-07", "2020-07-08", "2020-07-09"]
+
+    again = sensor.evaluate_tick(
+        dg.build_sensor_context(cursor=first.cursor, instance=instance, definitions=defs)
+    )
+    assert again.run_requests == []
+
+    changed = generated.files[0]  # the first day: nothing spilled into it from before
+    shutil.copyfile(changed, changed.with_name("copy.tmp"))
+    os.replace(changed.with_name("copy.tmp"), changed)  # a rewritten file: new mtime
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    third = sensor.evaluate_tick(
+        dg.build_sensor_context(cursor=again.cursor, instance=instance, definitions=defs)
+    )
+    assert {request.partition_key for request in third.run_requests} == {"2020-07-07"}
+    assert all(request.run_key for request in third.run_requests)
+
+
+def test_daily_schedule_targets_yesterday(tmp_path):
+    defs = build_definitions(load_sources(), str(tmp_path), str(tmp_path / "warehouse"))
+    schedule = defs.resolve_schedule_def("clickstream_daily")
+    context = dg.build_schedule_context(
+        scheduled_execution_time=datetime.fromisoformat("2024-03-05T00:30:00+00:00")
+    )
+    requests = schedule.evaluate_tick(context).run_requests
+    assert [request.partition_key for request in requests] == ["2024-03-04"]
