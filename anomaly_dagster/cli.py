@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +29,7 @@ def _generate(args: argparse.Namespace) -> int:
     start = date.fromisoformat(args.start) if args.start else source.start_date
     result = GENERATORS[args.source](Path(args.out), days=args.days, start=start, seed=args.seed)
     print(f"wrote {len(result.files)} files to {args.out}; labels in {result.labels}")
-    print(
-        f"partitions: {start.isoformat()} .. {(start + pd.Timedelta(days=args.days - 1)).date().isoformat()}"
-    )
+    print(f"partitions: {start.isoformat()} .. {(start + timedelta(days=args.days - 1)).isoformat()}")
     return 0
 
 

@@ -110,10 +110,12 @@ def _text_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, 
             f"{quote_literal('$.' + name)}) END AS {quote_identifier(name)}"
             for name in names
         )
+        # number every line first, then drop blank ones: they are not events, as in CSV
         connection.execute(
-            "CREATE OR REPLACE TEMP TABLE landed AS SELECT row_number() OVER () AS line, "
+            "CREATE OR REPLACE TEMP TABLE landed AS SELECT * FROM (SELECT row_number() OVER () AS line, "
             f"{extracted}, {TEXT_COLUMN} FROM read_csv({literal}, columns = {{'{TEXT_COLUMN}': 'VARCHAR'}}, "
-            "header = false, delim = E'\\x01', quote = '', escape = '', auto_detect = false, strict_mode = false)"
+            "header = false, delim = E'\\x01', quote = '', escape = '', auto_detect = false, strict_mode = false)) "
+            f"WHERE trim(coalesce({TEXT_COLUMN}, '')) <> ''"
         )
     else:
         schema = connection.execute(f"SELECT * FROM read_parquet({literal}) LIMIT 0").description

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, datetime, time
 
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -30,7 +30,14 @@ def quote_literal(value: str) -> str:
 
 
 def parse_day(value: str | date) -> date:
-    """A partition key (``YYYY-MM-DD``) as a date, rejecting anything else (e.g. path traversal)."""
+    """A partition key (``YYYY-MM-DD``) as a date, rejecting anything else (e.g. path traversal).
+
+    A datetime (or pandas Timestamp) is accepted only at midnight, and becomes its date.
+    """
+    if isinstance(value, datetime):
+        if value.time() != time(0) or value.tzinfo is not None:
+            raise ValueError(f"invalid partition key {value!r}: expected a day, got a time of day")
+        return value.date()
     if isinstance(value, date):
         return value
     if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):

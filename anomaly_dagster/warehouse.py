@@ -126,7 +126,7 @@ class Warehouse:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
-        return WrittenPartition(source, asset, day, path, len(frame), checksum, list(upstream))
+        return WrittenPartition(source, asset, parse_day(day), path, len(frame), checksum, list(upstream))
 
     def write_partition_query(
         self, source: str, asset: str, day: date, connection: duckdb.DuckDBPyConnection, sql: str
@@ -145,7 +145,7 @@ class Warehouse:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
-        return WrittenPartition(source, asset, day, path, row_count, checksum)
+        return WrittenPartition(source, asset, parse_day(day), path, row_count, checksum)
 
     def read_partitions(self, source: str, asset: str, days: Iterable[date]) -> pd.DataFrame:
         """Rows of the given days that exist, in day order; an empty frame when none does."""

@@ -1,0 +1,121 @@
+"""Flagged buckets merged into incidents: gaps, peaks, detectors fired, and the empty schema."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from anomaly_dagster.incidents import INCIDENT_COLUMNS, merge_incidents
+
+BUCKET = pd.Timedelta(minutes=10)
+T0 = pd.Timestamp("2020-07-07 00:00:00")
+
+
+def anomalies(rows: list[tuple[int, float, str, str, str]]) -> pd.DataFrame:
+    """Rows of (bucket index, score, detectors, top_feature, direction)."""
+    return pd.DataFrame(
+        {
+            "bucket_start": [T0 + index * BUCKET for index, *_ in rows],
+            "score": [score for _, score, *_ in rows],
+            "detectors": [detectors for _, _, detectors, *_ in rows],
+            "top_feature": [feature for *_, feature, _ in rows],
+            "direction": [direction for *_, direction in rows],
+        }
+    )
+
+
+ROWS = [
+    (3, 2.0, "zscore", "users", "LOW"),
+    (4, 5.0, "iqr,zscore", "residual", "HIGH"),
+    (5, 4.0, "iforest", "clicks", "HIGH"),
+    (7, 3.0, "zscore", "clicks", "LOW"),  # one bucket gap after 5
+    (10, 1.5, "iqr", "users", "HIGH"),  # two bucket gap after 7
+    (40, 9.0, "iforest,iqr", "clicks", "LOW"),
+]
+
+
+def spans(incidents: pd.DataFrame) -> list[tuple[int, int, int]]:
+    return [
+        (int((row.start - T0) / BUCKET), int((row.end - T0) / BUCKET), row.buckets)
+        for row in incidents.itertuples()
+    ]
+
+
+def test_consecutive_buckets_merge_without_gap() -> None:
+    incidents = merge_incidents(anomalies(ROWS), BUCKET)
+    assert list(incidents.columns) == INCIDENT_COLUMNS
+    assert spans(incidents) == [(3, 5, 3), (7, 7, 1), (10, 10, 1), (40, 40, 1)]
+
+
+@pytest.mark.parametrize(
+    ("gap", "expected"),
+    [
+        (0, [(3, 5, 3), (7, 7, 1), (10, 10, 1), (40, 40, 1)]),
+        (1, [(3, 7, 4), (10, 10, 1), (40, 40, 1)]),
+        (2, [(3, 10, 5), (40, 40, 1)]),
+        (28, [(3, 10, 5), (40, 40, 1)]),
+        (29, [(3, 40, 6)]),
+    ],
+)
+def test_gap_allows_unflagged_buckets_between(gap: int, expected) -> None:
+    assert spans(merge_incidents(anomalies(ROWS), BUCKET, gap=gap)) == expected
+
+
+def test_peak_and_detectors_union() -> None:
+    incidents = merge_incidents(anomalies(ROWS), BUCKET, gap=1)
+    first = incidents.iloc[0]
+    assert first["peak_bucket"] == T0 + 4 * BUCKET
+    assert first["peak_score"] == 5.0
+    assert first["top_feature"] == "residual"
+    assert first["direction"] == "HIGH"
+    assert first["detectors"] == "iforest,iqr,zscore"
+    last = incidents.iloc[-1]
+    assert (last["peak_score"], last["detectors"], last["top_feature"], last["direction"]) == (
+        9.0,
+        "iforest,iqr",
+        "clicks",
+        "LOW",
+    )
+
+
+def test_input_order_does_not_matter() -> None:
+    shuffled = anomalies(ROWS).sample(frac=1.0, random_state=3).reset_index(drop=True)
+    shuffled.index = shuffled.index * 7 + 100  # an index that is neither sorted nor 0..n
+    pd.testing.assert_frame_equal(
+        merge_incidents(shuffled, BUCKET, gap=1), merge_incidents(anomalies(ROWS), BUCKET, gap=1)
+    )
+
+
+def test_bucket_size_matters() -> None:
+    # 10 minutes apart: separate incidents with 5-minute buckets, one incident with 10-minute buckets
+    frame = anomalies([(0, 1.0, "zscore", "users", "LOW"), (1, 2.0, "zscore", "users", "LOW")])
+    assert len(merge_incidents(frame, pd.Timedelta(minutes=5))) == 2
+    assert len(merge_incidents(frame, pd.Timedelta(minutes=10))) == 1
+
+
+def test_empty_detector_names_are_dropped() -> None:
+    frame = anomalies([(0, 1.0, ",zscore,", "users", "LOW"), (1, 2.0, "", "users", "LOW")])
+    assert merge_incidents(frame, BUCKET)["detectors"].tolist() == ["zscore"]
+
+
+def test_empty_input_gives_typed_empty_table() -> None:
+    empty = anomalies([])
+    incidents = merge_incidents(empty, BUCKET)
+    assert incidents.empty
+    assert list(incidents.columns) == INCIDENT_COLUMNS
+    assert incidents.dtypes.to_dict() == {
+        "start": "datetime64[us]",
+        "end": "datetime64[us]",
+        "buckets": "int64",
+        "peak_bucket": "datetime64[us]",
+        "peak_score": "float64",
+        "detectors": "object",
+        "top_feature": "object",
+        "direction": "object",
+    }
+    # the empty table concatenates with a real one without changing its types
+    real = merge_incidents(anomalies(ROWS), BUCKET)
+    combined = pd.concat([incidents, real], ignore_index=True)
+    assert combined["buckets"].dtype == "int64"
+    assert combined["peak_score"].dtype == "float64"
+    assert pd.api.types.is_datetime64_any_dtype(combined["start"])
