@@ -113,10 +113,20 @@ class DetectorConfig(_Strict):
 
 
 class ThresholdConfig(_Strict):
-    method: Literal["sigma", "quantile", "fixed"] = "sigma"
-    k: float = 3.0
+    """How a detector's threshold is calibrated on its training-window scores.
+
+    ``sigma``: mean + k sd. ``quantile``: that quantile. ``fixed``: ``value``. ``pot``: peaks over
+    threshold (a generalized Pareto tail fitted above ``initial_quantile``, threshold at tail
+    probability ``risk``). ``best_f1``: the score cut with the best F1 against the labels that fall
+    inside the training window (falls back to ``sigma`` when there are none).
+    """
+
+    method: Literal["sigma", "quantile", "fixed", "pot", "best_f1"] = "sigma"
+    k: float = Field(3.0, gt=0)
     quantile: float = 0.99
     value: float | None = None
+    risk: float = Field(1e-3, gt=0.0, lt=1.0)
+    initial_quantile: float = Field(0.98, gt=0.5, lt=1.0)
 
     @model_validator(mode="after")
     def _fixed_needs_value(self) -> ThresholdConfig:
@@ -125,6 +135,14 @@ class ThresholdConfig(_Strict):
         if not 0.0 < self.quantile < 1.0:
             raise ValueError("threshold 'quantile' must be between 0 and 1")
         return self
+
+
+class LabelsConfig(_Strict):
+    """Known anomalies for evaluation: a 0/1 line per bucket from ``first_day``, or a CSV of
+    ``start,end[,kind]`` ranges (inclusive bucket starts)."""
+
+    path: str
+    first_day: date | None = None
 
 
 class ChecksConfig(_Strict):
@@ -151,6 +169,7 @@ class SourceConfig(_Strict):
     threshold: ThresholdConfig = ThresholdConfig()
     incident_gap_buckets: int = Field(0, ge=0)
     checks: ChecksConfig = ChecksConfig()
+    labels: LabelsConfig | None = None
     max_field_length: int = Field(1024, ge=1)
 
     @field_validator("name")
