@@ -47,7 +47,8 @@ dev: setup
 backfill: setup
 	@test -n "$(START)" -a -n "$(END)" || (echo "usage: make backfill SOURCE=name START=YYYY-MM-DD END=YYYY-MM-DD" && exit 2)
 	$(BIN)/dagster asset materialize -m anomaly_dagster.definitions \
-		--select 'key:$(SOURCE)/*' --partition-range $(START)...$(END)
+		--select 'key:$(SOURCE)/*' --partition-range $(START)...$(END) \
+		--config-json '{"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}'
 
 lint: setup
 	$(BIN)/ruff check .
