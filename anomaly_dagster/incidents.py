@@ -1,11 +1,13 @@
 """Flagged buckets merged into incidents: what an on-call person acts on.
 
 Consecutive flagged buckets (allowing ``gap`` unflagged buckets between them) form one incident
-with its start and end (inclusive bucket starts), peak score, the detectors that fired, and the
-top feature and direction at the peak.
+with its start and end (inclusive bucket starts), duration, peak score, the detectors that fired,
+the top feature and direction at the peak, and what was observed and expected there.
 """
 
 from __future__ import annotations
+
+import json
 
 import pandas as pd
 
@@ -13,16 +15,22 @@ INCIDENT_COLUMNS = [
     "start",
     "end",
     "buckets",
+    "duration_minutes",
     "peak_bucket",
     "peak_score",
     "detectors",
     "top_feature",
     "direction",
+    "observed",
+    "expected",
 ]
 
 
-def merge_incidents(anomalies: pd.DataFrame, bucket: pd.Timedelta, gap: int = 0) -> pd.DataFrame:
-    """Incidents from the ``anomalies`` table (bucket_start, score, detectors, top_feature, direction)."""
+def merge_incidents(
+    anomalies: pd.DataFrame, bucket: pd.Timedelta, gap: int = 0, series: list[str] | None = None
+) -> pd.DataFrame:
+    """Incidents from the ``anomalies`` table (bucket_start, score, detectors, top_feature, direction,
+    and optionally ``expected`` JSON and the ``series`` columns, reported as observed at the peak)."""
     if anomalies.empty:
         return pd.DataFrame({column: pd.Series(dtype=_dtype(column)) for column in INCIDENT_COLUMNS})
     flagged = anomalies.sort_values("bucket_start").reset_index(drop=True)
@@ -32,16 +40,21 @@ def merge_incidents(anomalies: pd.DataFrame, bucket: pd.Timedelta, gap: int = 0)
     for _, group in flagged.groupby(incident_id, sort=True):
         peak = group.loc[group["score"].idxmax()]
         fired = sorted({name for names in group["detectors"] for name in names.split(",") if name})
+        start, end = group["bucket_start"].iloc[0], group["bucket_start"].iloc[-1]
+        observed = {name: float(peak[name]) for name in series or [] if name in peak.index}
         rows.append(
             {
-                "start": group["bucket_start"].iloc[0],
-                "end": group["bucket_start"].iloc[-1],
+                "start": start,
+                "end": end,
                 "buckets": len(group),
+                "duration_minutes": int((end - start + bucket) / pd.Timedelta(minutes=1)),
                 "peak_bucket": peak["bucket_start"],
                 "peak_score": float(peak["score"]),
                 "detectors": ",".join(fired),
                 "top_feature": peak["top_feature"],
                 "direction": peak["direction"],
+                "observed": json.dumps(observed) if observed else None,
+                "expected": peak.get("expected"),
             }
         )
     return pd.DataFrame(rows, columns=INCIDENT_COLUMNS)
@@ -50,7 +63,7 @@ def merge_incidents(anomalies: pd.DataFrame, bucket: pd.Timedelta, gap: int = 0)
 def _dtype(column: str) -> str:
     if column in ("start", "end", "peak_bucket"):
         return "datetime64[us]"
-    if column == "buckets":
+    if column in ("buckets", "duration_minutes"):
         return "int64"
     if column == "peak_score":
         return "float64"

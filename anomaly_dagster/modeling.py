@@ -168,7 +168,7 @@ def _ensemble(long: pd.DataFrame) -> pd.DataFrame:
 def anomalies_from_scores(scores: pd.DataFrame, features: pd.DataFrame, series: list[str]) -> pd.DataFrame:
     """One row per flagged bucket: ensemble verdict, the detectors that fired, and the observed values."""
     flagged = scores[(scores["detector"] == ENSEMBLE) & scores["is_anomaly"]]
-    columns = ["bucket_start", "score", "detectors", "top_feature", "direction"]
+    columns = ["bucket_start", "score", "detectors", "top_feature", "direction", "expected"]
     return (
         flagged[columns]
         .merge(features[["bucket_start", *series]], on="bucket_start", how="left")

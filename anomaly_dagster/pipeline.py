@@ -266,6 +266,28 @@ def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
 # --- anomalies + incidents -----------------------------------------------------------------------
 
 
+SAMPLE_EVENTS = 5
+
+
+def _peak_samples(
+    warehouse: Warehouse, source: SourceConfig, day: date, peaks: pd.Series, bucket: pd.Timedelta
+) -> list[str | None]:
+    """A few raw events of each peak bucket (with file and line), so a person can look at the logs."""
+    path = warehouse.partition_file(source.name, "raw_events", day)
+    if not path.exists() or peaks.empty:
+        return [None] * len(peaks)
+    samples = []
+    with duckdb.connect() as connection:
+        for peak in peaks:
+            rows = connection.execute(
+                f"SELECT * FROM read_parquet({quote_literal(str(path))}) WHERE timestamp >= ? AND timestamp < ? "
+                f"ORDER BY timestamp, source_file, line LIMIT {SAMPLE_EVENTS}",
+                [peak.to_pydatetime(), (peak + bucket).to_pydatetime()],
+            ).df()
+            samples.append(rows.to_json(orient="records", date_format="iso"))
+    return samples
+
+
 def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     anomalies, incidents = {}, {}
@@ -274,10 +296,12 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
         scores = warehouse.read_partitions(source.name, "scores", [day])
         features = warehouse.read_partitions(source.name, "features", [day])
         anomalies[day] = modeling.anomalies_from_scores(scores, features, source.series_columns)
-        incidents[day] = merge_incidents(anomalies[day], bucket, source.incident_gap_buckets)
+        found = merge_incidents(anomalies[day], bucket, source.incident_gap_buckets, source.series_columns)
+        found["sample_events"] = _peak_samples(warehouse, source, day, found["peak_bucket"], bucket)
+        incidents[day] = found
     outputs = [
         _write(context, "anomalies", anomalies, [Upstream("scores"), Upstream("features")]),
-        _write(context, "incidents", incidents, [Upstream("anomalies")]),
+        _write(context, "incidents", incidents, [Upstream("anomalies"), Upstream("raw_events")]),
     ]
     outputs[0].summary["flagged_buckets"] = sum(len(frame) for frame in anomalies.values())
     outputs[1].summary["incidents"] = sum(len(frame) for frame in incidents.values())
@@ -319,7 +343,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "detect",
         ("anomalies", "incidents"),
-        lambda s: (Upstream("scores"), Upstream("features")),
+        lambda s: (Upstream("scores"), Upstream("features"), Upstream("raw_events")),
         run_detect,
         "Flagged buckets and merged incidents.",
     ),

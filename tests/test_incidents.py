@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -107,11 +109,14 @@ def test_empty_input_gives_typed_empty_table() -> None:
         "start": "datetime64[us]",
         "end": "datetime64[us]",
         "buckets": "int64",
+        "duration_minutes": "int64",
         "peak_bucket": "datetime64[us]",
         "peak_score": "float64",
         "detectors": "object",
         "top_feature": "object",
         "direction": "object",
+        "observed": "object",
+        "expected": "object",
     }
     # the empty table concatenates with a real one without changing its types
     real = merge_incidents(anomalies(ROWS), BUCKET)
@@ -119,3 +124,15 @@ def test_empty_input_gives_typed_empty_table() -> None:
     assert combined["buckets"].dtype == "int64"
     assert combined["peak_score"].dtype == "float64"
     assert pd.api.types.is_datetime64_any_dtype(combined["start"])
+
+
+def test_duration_observed_and_expected_at_the_peak() -> None:
+    frame = anomalies(ROWS[:3]).assign(
+        users=[50.0, 40.0, 60.0],
+        clicks=[200.0, 210.0, 190.0],
+        expected=['{"users": 150}', '{"users": 140}', '{"users": 160}'],
+    )
+    incident = merge_incidents(frame, BUCKET, series=["users", "clicks"]).iloc[0]
+    assert incident["duration_minutes"] == 30
+    assert json.loads(incident["observed"]) == {"users": 40.0, "clicks": 210.0}  # the peak is bucket 4
+    assert json.loads(incident["expected"]) == {"users": 140}
