@@ -145,6 +145,16 @@ class LabelsConfig(_Strict):
     first_day: date | None = None
 
 
+class EnsembleConfig(_Strict):
+    """Which detectors decide the ensemble flag (all when unset) and how many must agree.
+
+    Every configured detector is still trained, scored and shown; only these vote.
+    """
+
+    detectors: list[Identifier] | None = None
+    min_votes: int = Field(1, ge=1)
+
+
 class ChecksConfig(_Strict):
     max_quarantine_rate: float = Field(0.01, ge=0.0, le=1.0)
     max_alert_rate: float = Field(0.2, ge=0.0, le=1.0)
@@ -167,6 +177,7 @@ class SourceConfig(_Strict):
     training_days: int = Field(7, ge=1, le=366)
     detectors: list[DetectorConfig] = Field(min_length=1)
     threshold: ThresholdConfig = ThresholdConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
     incident_gap_buckets: int = Field(0, ge=0)
     checks: ChecksConfig = ChecksConfig()
     labels: LabelsConfig | None = None
@@ -209,8 +220,23 @@ class SourceConfig(_Strict):
                 raise ValueError(
                     f"detector {detector.name!r} uses unknown features {missing}; available: {sorted(features)}"
                 )
-        _unique([detector.name for detector in self.detectors], "detector")
+        names = [detector.name for detector in self.detectors]
+        _unique(names, "detector")
+        voters = self.ensemble_detectors
+        if sorted(set(voters) - set(names)):
+            raise ValueError(
+                f"ensemble names unknown detectors {sorted(set(voters) - set(names))}; known: {names}"
+            )
+        if self.ensemble.min_votes > len(voters):
+            raise ValueError(
+                f"ensemble min_votes {self.ensemble.min_votes} exceeds its {len(voters)} detector(s)"
+            )
         return self
+
+    @property
+    def ensemble_detectors(self) -> list[str]:
+        """The detectors whose flags make the ensemble's verdict."""
+        return self.ensemble.detectors or [detector.name for detector in self.detectors]
 
     @property
     def buckets_per_day(self) -> int:

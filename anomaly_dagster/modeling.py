@@ -20,6 +20,7 @@ from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.detectors import Detector, detector_class
 
 ENSEMBLE = "ensemble"
+CONTEXT_FEATURES = frozenset({"slot", "tod_sin", "tod_cos"})
 
 
 @dataclass
@@ -100,8 +101,9 @@ def score(
     """Long table: one row per bucket and detector, plus an ``ensemble`` row per bucket.
 
     ``normalized = score / threshold`` puts detectors on one scale (> 1 is over threshold); the
-    ensemble's score is the largest normalized score, it fires when any detector does, and it
-    takes its explanation from the strongest detector that fired.
+    ensemble's score is the largest normalized score among the voting detectors
+    (``source.ensemble``), it fires when at least ``min_votes`` of them do, and it takes its
+    explanation from the strongest detector that fired.
     """
     per_detector = []
     for name, detector in detectors.items():
@@ -109,7 +111,9 @@ def score(
         threshold = thresholds[name]
         contributions = detector.explain(features)
         expected = detector.expected(features)
-        top = np.nan_to_num(np.abs(contributions), nan=-1.0).argmax(axis=1)
+        # time-of-day encodings give context, they are not something that can be "too high"
+        observable = np.array([name not in CONTEXT_FEATURES for name in detector.features])
+        top = np.where(observable, np.nan_to_num(np.abs(contributions), nan=-1.0), -2.0).argmax(axis=1)
         signed_top = contributions[np.arange(len(features)), top]
         per_detector.append(
             pd.DataFrame(
@@ -138,12 +142,13 @@ def score(
         )
     long = pd.concat(per_detector, ignore_index=True)
     long["detectors"] = np.where(long["is_anomaly"], long["detector"], "")
-    return pd.concat([long, _ensemble(long)], ignore_index=True).sort_values(
+    voters = long[long["detector"].isin(source.ensemble_detectors)]
+    return pd.concat([long, _ensemble(voters, source.ensemble.min_votes)], ignore_index=True).sort_values(
         ["bucket_start", "detector"], ignore_index=True
     )
 
 
-def _ensemble(long: pd.DataFrame) -> pd.DataFrame:
+def _ensemble(long: pd.DataFrame, min_votes: int) -> pd.DataFrame:
     ranked = long.assign(rank_key=long["normalized"].fillna(-np.inf)).sort_values(
         ["bucket_start", "is_anomaly", "rank_key"], ascending=[True, False, False]
     )
@@ -159,7 +164,8 @@ def _ensemble(long: pd.DataFrame) -> pd.DataFrame:
     ensemble["threshold"] = 1.0
     ensemble["normalized"] = peak
     ensemble["detectors"] = fired.reindex(peak.index).fillna("")
-    ensemble["is_anomaly"] = ensemble["detectors"] != ""
+    votes = long[long["is_anomaly"]].groupby("bucket_start").size().reindex(peak.index, fill_value=0)
+    ensemble["is_anomaly"] = votes >= min_votes
     for column in ("top_feature", "direction", "attribution", "expected"):
         ensemble[column] = strongest[column].reindex(peak.index)
     return ensemble.reset_index()

@@ -60,8 +60,14 @@ def test_shipped_clickstream_source_loads() -> None:
     assert source.bucket_minutes == 10
     assert source.buckets_per_day == 144
     assert source.metric_names == ["pages", "users", "clicks"]
-    assert source.series_columns == ["pages", "users", "clicks", "residual"]
-    assert [detector.kind for detector in source.detectors] == ["robust_zscore", "iqr", "isolation_forest"]
+    assert source.series_columns == ["pages", "users", "clicks", "residual", "clicks_per_user"]
+    assert [detector.kind for detector in source.detectors] == [
+        "rcf",
+        "robust_zscore",
+        "iqr",
+        "isolation_forest",
+    ]
+    assert source.ensemble_detectors == ["rcf"]
     assert source.threshold == ThresholdConfig(method="sigma", k=3.0)
 
 
@@ -77,6 +83,7 @@ def test_feature_columns_of_shipped_source() -> None:
         "users",
         "clicks",
         "residual",
+        "clicks_per_user",
         "tod_sin",
         "tod_cos",
         "slot",
@@ -84,6 +91,7 @@ def test_feature_columns_of_shipped_source() -> None:
         "users_lag1",
         "clicks_lag1",
         "residual_lag1",
+        "clicks_per_user_lag1",
     ]
 
 
@@ -93,7 +101,9 @@ def test_feature_columns_follow_lags(tmp_path: Path) -> None:
     source = load_source(write_source(tmp_path, document))
     lagged = [name for name in source.feature_columns if "_lag" in name]
     assert lagged == [
-        f"{name}_lag{lag}" for name in ["pages", "users", "clicks", "residual"] for lag in (1, 144)
+        f"{name}_lag{lag}"
+        for name in ["pages", "users", "clicks", "residual", "clicks_per_user"]
+        for lag in (1, 144)
     ]
 
 
@@ -223,10 +233,21 @@ def test_metric_needing_a_column_is_rejected_without_one(tmp_path: Path) -> None
 
 def test_detector_with_unknown_feature_is_rejected(tmp_path: Path) -> None:
     document = base_document()
-    document["detectors"][0]["features"] = ["users", "bounces"]
+    zscore = next(detector for detector in document["detectors"] if detector["name"] == "zscore")
+    zscore["features"] = ["users", "bounces"]
     path, message = config_error(tmp_path, document)
     assert str(path) in message
     assert "detector 'zscore' uses unknown features ['bounces']" in message
+
+
+def test_ensemble_must_name_known_detectors(tmp_path: Path) -> None:
+    document = base_document()
+    document["ensemble"] = {"detectors": ["rcf", "deepar"]}
+    _, message = config_error(tmp_path, document)
+    assert "ensemble names unknown detectors ['deepar']" in message
+    document["ensemble"] = {"detectors": ["rcf"], "min_votes": 2}
+    _, message = config_error(tmp_path, document)
+    assert "min_votes 2 exceeds its 1 detector(s)" in message
 
 
 def test_detector_may_use_lag_and_time_features(tmp_path: Path) -> None:
@@ -277,7 +298,7 @@ def test_derived_may_use_earlier_derived_but_not_later(tmp_path: Path) -> None:
     document = base_document()
     document["derived"].append({"name": "ratio", "expression": "residual / clicks"})
     source = load_source(write_source(tmp_path, document))
-    assert source.series_columns[-2:] == ["residual", "ratio"]
+    assert source.series_columns[-3:] == ["residual", "clicks_per_user", "ratio"]
 
     document["derived"].reverse()
     _, message = config_error(tmp_path, document)
@@ -293,7 +314,7 @@ def test_derived_name_clashing_with_metric_is_rejected(tmp_path: Path) -> None:
 
 def test_duplicate_detector_names_are_rejected(tmp_path: Path) -> None:
     document = base_document()
-    document["detectors"][1]["name"] = "zscore"
+    document["detectors"][2]["name"] = "zscore"
     _, message = config_error(tmp_path, document)
     assert "duplicate detector names: ['zscore']" in message
 

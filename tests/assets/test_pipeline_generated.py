@@ -96,7 +96,7 @@ def test_features_derive_residual_and_read_the_previous_day(materialized):
 def test_model_is_walk_forward(materialized):
     warehouse, _ = materialized
     model = warehouse.query("SELECT * FROM clickstream.model ORDER BY date, detector")
-    assert set(model["detector"]) == {"zscore", "iqr", "iforest"}
+    assert set(model["detector"]) == {"rcf", "zscore", "iqr", "iforest"}
     first = model[model["date"] == pd.Timestamp(DAYS[0])]
     assert first["cold_start"].all() and (first["training_start"] == pd.Timestamp(DAYS[0])).all()
     later = model[model["date"] > pd.Timestamp(DAYS[0])]
@@ -110,8 +110,8 @@ def test_model_is_walk_forward(materialized):
 def test_scores_carry_thresholds_from_the_model_and_an_ensemble(materialized):
     warehouse, _ = materialized
     scores = warehouse.query("SELECT * FROM clickstream.scores")
-    assert set(scores["detector"]) == {"zscore", "iqr", "iforest", "ensemble"}
-    assert len(scores) == 4 * 144 * len(DAYS)
+    assert set(scores["detector"]) == {"rcf", "zscore", "iqr", "iforest", "ensemble"}
+    assert len(scores) == 5 * 144 * len(DAYS)
     model = warehouse.query("SELECT date, detector, threshold FROM clickstream.model")
     joined = scores.merge(model, on=["date", "detector"], suffixes=("", "_model"))
     np.testing.assert_allclose(joined["threshold"], joined["threshold_model"])
