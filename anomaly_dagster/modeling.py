@@ -128,10 +128,7 @@ def score(
                     "is_anomaly": raw > threshold,
                     "top_feature": np.asarray(detector.features)[top],
                     "direction": np.where(signed_top >= 0, "HIGH", "LOW"),
-                    "attribution": [
-                        json.dumps(dict(zip(detector.features, np.round(row, 6).tolist(), strict=True)))
-                        for row in contributions
-                    ],
+                    "attribution": [explanation_json(detector.features, row) for row in contributions],
                     "expected": (
                         [None] * len(features)
                         if expected is None
@@ -145,6 +142,17 @@ def score(
     voters = long[long["detector"].isin(source.ensemble_detectors)]
     return pd.concat([long, _ensemble(voters, source.ensemble.min_votes)], ignore_index=True).sort_values(
         ["bucket_start", "detector"], ignore_index=True
+    )
+
+
+def explanation_json(features: list[str], contributions: np.ndarray) -> str:
+    """Per-feature strength and direction, shaped like Kinesis' RANDOM_CUT_FOREST_WITH_EXPLANATION:
+    ``{"users": {"strength": 2.1, "direction": "LOW"}, ...}``."""
+    return json.dumps(
+        {
+            name: {"strength": round(abs(float(value)), 6), "direction": "HIGH" if value >= 0 else "LOW"}
+            for name, value in zip(features, np.nan_to_num(contributions), strict=True)
+        }
     )
 
 

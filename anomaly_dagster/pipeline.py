@@ -219,7 +219,9 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     frames, written = {}, []
     for day in days:
         window, cold_start = modeling.training_window(source, day, available)
-        model = modeling.train(source, warehouse.read_partitions(source.name, "features", window), window, cold_start)
+        model = modeling.train(
+            source, warehouse.read_partitions(source.name, "features", window), window, cold_start
+        )
         save_detectors(model_path(warehouse, source, day), model.detectors, model.manifest())
         frames[day] = modeling.model_summary(source, model)
         upstream = [("features", training_day) for training_day in window]
@@ -248,18 +250,24 @@ def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
         thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
         frames[day] = modeling.score(source, features, detectors, thresholds)
     output = _write(context, "scores", frames, [Upstream("features"), Upstream("model")])
-    plot = warehouse.plot_file(source.name, "scores", days[0], days[-1])
     window = f"{days[0]}" if len(days) == 1 else f"{days[0]}..{days[-1]}"
+    all_scores = pd.concat(frames.values(), ignore_index=True)
+    series = warehouse.plot_file(source.name, "scores", days[0], days[-1])
     atomic_write_bytes(
-        plot,
+        series,
         plots.series_plot(
             warehouse.read_partitions(source.name, "features", days),
-            pd.concat(frames.values(), ignore_index=True),
+            all_scores,
             source.series_columns,
             f"{source.name} {window}",
         ),
     )
-    output.plots = [plot]
+    lead = source.ensemble_detectors[0]
+    attribution = warehouse.plot_file(source.name, "attribution", days[0], days[-1])
+    atomic_write_bytes(
+        attribution, plots.attribution_plot(all_scores, lead, f"{source.name} {lead} {window}")
+    )
+    output.plots = [series, attribution]
     return _record(context, [output])
 
 

@@ -4,6 +4,7 @@ and the training-score histogram with the calibrated threshold line."""
 from __future__ import annotations
 
 import io
+import json
 
 import matplotlib
 
@@ -56,4 +57,29 @@ def threshold_histogram(
         axis.axvline(thresholds[name], color="tab:red", linestyle="--", label="threshold")
         axis.set_title(f"{name}: {thresholds[name]:.3g}", fontsize=9)
     figure.suptitle(title, fontsize=10)
+    return _png(figure)
+
+
+def attribution_plot(scores: pd.DataFrame, detector: str, title: str) -> bytes:
+    """Like the Kinesis result chart: each feature's attribution over time (HIGH up, LOW down)
+    under the detector's score and threshold."""
+    rows = scores[scores["detector"] == detector].sort_values("bucket_start")
+    explained = [json.loads(text) for text in rows["attribution"]]
+    features = (
+        [name for name in explained[0] if name not in ("tod_sin", "tod_cos", "slot")] if explained else []
+    )
+    figure, (score_axis, attribution_axis) = plt.subplots(2, 1, figsize=(11, 5), sharex=True)
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.08, hspace=0.12)
+    score_axis.plot(rows["bucket_start"], rows["score"], linewidth=0.8, color="tab:purple", label="score")
+    score_axis.plot(rows["bucket_start"], rows["threshold"], linewidth=0.8, color="tab:red", linestyle="--")
+    score_axis.set_ylabel(f"{detector} score")
+    score_axis.set_title(title)
+    for name in features:
+        signed = [
+            item[name]["strength"] * (1 if item[name]["direction"] == "HIGH" else -1) for item in explained
+        ]
+        attribution_axis.plot(rows["bucket_start"], signed, linewidth=0.8, label=name)
+    attribution_axis.axhline(0.0, color="black", linewidth=0.5)
+    attribution_axis.set_ylabel("attribution (HIGH +, LOW -)")
+    attribution_axis.legend(loc="upper left", fontsize=8, ncol=len(features) or 1)
     return _png(figure)

@@ -56,9 +56,9 @@ def _metadata(output: AssetOutput) -> dict[str, object]:
         preview = output.frames[last_day].head(PREVIEW_ROWS)
         table = preview.to_markdown(index=False) if len(preview) else "(no rows)"
         metadata["preview"] = dg.MetadataValue.md(f"**{last_day}**\n\n{table}")
-    if output.plots:
-        metadata["plot"] = _png_markdown(output.plots[-1])
-        metadata["plot_path"] = dg.MetadataValue.path(str(output.plots[-1]))
+    for plot in output.plots:  # plots/<name>/<window>.png
+        metadata[f"plot_{plot.parent.name}"] = _png_markdown(plot)
+        metadata[f"plot_{plot.parent.name}_path"] = dg.MetadataValue.path(str(plot))
     return metadata
 
 

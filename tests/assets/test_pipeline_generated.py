@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_catalog_lineage_and_plots(materialized):
     for path in lineage["path"]:
         assert Path(path).exists()
     plots = list((warehouse.root / "clickstream" / "plots").rglob("*.png"))
-    assert {plot.parent.name for plot in plots} == {"scores", "thresholds"}
+    assert {plot.parent.name for plot in plots} == {"scores", "thresholds", "attribution"}
     assert all(plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for plot in plots)
     with duckdb.connect(str(warehouse.catalog_path), read_only=True) as connection:
         views = {
@@ -159,3 +160,27 @@ def test_catalog_lineage_and_plots(materialized):
             ).fetchall()
         }
     assert set(ASSETS) <= views
+
+
+def test_scores_explain_each_feature_like_kinesis(materialized):
+    warehouse, _ = materialized
+    scores = warehouse.query(
+        "SELECT * FROM clickstream.scores WHERE detector = 'rcf' ORDER BY score DESC LIMIT 20"
+    )
+    for row in scores.itertuples():
+        explained = json.loads(row.attribution)
+        assert set(explained) == {
+            "users",
+            "clicks",
+            "clicks_per_user",
+            "users_lag1",
+            "clicks_lag1",
+            "tod_sin",
+            "tod_cos",
+        }
+        assert all(
+            item["direction"] in ("HIGH", "LOW") and item["strength"] >= 0 for item in explained.values()
+        )
+        observable = {name: item for name, item in explained.items() if not name.startswith("tod_")}
+        strongest = max(observable, key=lambda name: observable[name]["strength"])
+        assert (row.top_feature, row.direction) == (strongest, observable[strongest]["direction"])
