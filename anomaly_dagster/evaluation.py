@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from anomaly_dagster.config import SourceConfig
+
 
 def load_labels(path: Path, bucket_minutes: int, first_day: date | None = None) -> pd.Series:
     """Labelled bucket starts → True, as a boolean Series indexed by bucket start."""
@@ -31,6 +33,28 @@ def load_labels(path: Path, bucket_minutes: int, first_day: date | None = None) 
         bucket for row in ranges.itertuples() for bucket in pd.date_range(row.start, row.end, freq=step)
     ]
     return pd.Series(True, index=pd.DatetimeIndex(sorted(set(starts))), name="label")
+
+
+def labels_file(source: SourceConfig, landing_dir: Path) -> Path | None:
+    """The source's labels file if it has one configured and it exists.
+
+    A relative ``labels.path`` is read beside the landing folder (``data/landing`` →
+    ``data/labels/...``), which is where ``anomaly-dagster generate`` writes its labels.
+    """
+    if source.labels is None:
+        return None
+    path = Path(source.labels.path)
+    if not path.is_absolute():
+        path = Path(landing_dir).resolve().parent / path
+    return path if path.exists() else None
+
+
+def source_labels(source: SourceConfig, landing_dir: Path) -> pd.Series | None:
+    """The labelled buckets of ``source`` (see :func:`labels_file`), or None without labels."""
+    path = labels_file(source, landing_dir)
+    if path is None:
+        return None
+    return load_labels(path, source.bucket_minutes, source.labels.first_day or source.start_date)
 
 
 def segments(flags: pd.Series, step: pd.Timedelta) -> list[tuple[pd.Timestamp, pd.Timestamp]]:

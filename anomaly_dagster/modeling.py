@@ -55,8 +55,22 @@ def make_detector(source: SourceConfig, name: str) -> Detector:
     return detector_class(config.kind)(config.features, **params)
 
 
-def train(source: SourceConfig, features: pd.DataFrame, days: list[date], cold_start: bool) -> TrainedModel:
-    """Fit every configured detector on ``features`` and calibrate its threshold on the same rows."""
+def train(
+    source: SourceConfig,
+    features: pd.DataFrame,
+    days: list[date],
+    cold_start: bool,
+    labels: pd.Series | None = None,
+) -> TrainedModel:
+    """Fit every configured detector on ``features`` and calibrate its threshold on the same rows.
+
+    ``labels`` (labelled bucket starts) are used only by the ``best_f1`` threshold, and only those
+    inside the training window: the scored day's labels never reach its model.
+    """
+    training_labels = None
+    if labels is not None:
+        index = pd.DatetimeIndex(features["bucket_start"])
+        training_labels = labels.reindex(index, fill_value=False).to_numpy(dtype=bool)
     if features.empty:
         raise ValueError(f"no feature rows to train on for days {days}")
     detectors: dict[str, Detector] = {}
@@ -66,7 +80,7 @@ def train(source: SourceConfig, features: pd.DataFrame, days: list[date], cold_s
         detector = make_detector(source, config.name).fit(features)
         scores = detector.score(features)
         detectors[config.name] = detector
-        thresholds[config.name] = calibrate(scores, source.threshold)
+        thresholds[config.name] = calibrate(scores, source.threshold, labels=training_labels)
         training_scores[config.name] = scores
     return TrainedModel(detectors, thresholds, days, cold_start, training_scores)
 

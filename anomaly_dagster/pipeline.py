@@ -20,6 +20,7 @@ import pandas as pd
 from anomaly_dagster import ingest, modeling, plots
 from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.detectors import load_detectors, save_detectors
+from anomaly_dagster.evaluation import source_labels
 from anomaly_dagster.features import build_features
 from anomaly_dagster.incidents import merge_incidents
 from anomaly_dagster.sql import quote_identifier, quote_literal
@@ -216,12 +217,12 @@ def model_path(warehouse: Warehouse, source: SourceConfig, day: date) -> Path:
 def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     available = warehouse.existing_days(source.name, "features")
+    labels = source_labels(source, context.landing_dir) if source.threshold.method == "best_f1" else None
     frames, written = {}, []
     for day in days:
         window, cold_start = modeling.training_window(source, day, available)
-        model = modeling.train(
-            source, warehouse.read_partitions(source.name, "features", window), window, cold_start
-        )
+        features = warehouse.read_partitions(source.name, "features", window)
+        model = modeling.train(source, features, window, cold_start, labels)
         save_detectors(model_path(warehouse, source, day), model.detectors, model.manifest())
         frames[day] = modeling.model_summary(source, model)
         upstream = [("features", training_day) for training_day in window]

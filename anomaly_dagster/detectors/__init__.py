@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from anomaly_dagster.detectors.base import Detector, load_detectors, save_detectors
+from anomaly_dagster.detectors.deepar import DeepARDetector
+from anomaly_dagster.detectors.forecast_band import SeasonalBandDetector
 from anomaly_dagster.detectors.iqr import IQRDetector
 from anomaly_dagster.detectors.isolation_forest import IsolationForestDetector
 from anomaly_dagster.detectors.rcf import RCFDetector
 from anomaly_dagster.detectors.zscore import RobustZScoreDetector
 
 DETECTOR_CLASSES: dict[str, type[Detector]] = {
-    cls.kind: cls for cls in (RobustZScoreDetector, IQRDetector, IsolationForestDetector, RCFDetector)
+    cls.kind: cls
+    for cls in (
+        RCFDetector,
+        RobustZScoreDetector,
+        IQRDetector,
+        IsolationForestDetector,
+        SeasonalBandDetector,
+        DeepARDetector,
+    )
 }
 
 
