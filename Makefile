@@ -13,6 +13,8 @@ DEMO_DIR := $(CURDIR)/data/demo
 DEMO_START := 2020-07-07
 DEMO_END := 2020-07-20
 DEMO_DAYS := 14
+# one process for the whole chain (stages run in order anyway), INFO-level logs
+RUN_CONFIG := {"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 .PHONY: setup demo test dev backfill lint clean
 
@@ -47,8 +49,10 @@ dev: setup
 backfill: setup
 	@test -n "$(START)" -a -n "$(END)" || (echo "usage: make backfill SOURCE=name START=YYYY-MM-DD END=YYYY-MM-DD" && exit 2)
 	$(BIN)/dagster asset materialize -m anomaly_dagster.definitions \
-		--select 'key:$(SOURCE)/*' --partition-range $(START)...$(END) \
-		--config-json '{"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}'
+		--select 'key:$(SOURCE)/* and not key:$(SOURCE)/evaluation' --partition-range $(START)...$(END) \
+		--config-json '$(RUN_CONFIG)'
+	$(BIN)/dagster asset materialize -m anomaly_dagster.definitions --select 'key:$(SOURCE)/evaluation' \
+		--config-json '$(RUN_CONFIG)'
 
 lint: setup
 	$(BIN)/ruff check .

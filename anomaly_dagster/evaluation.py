@@ -108,3 +108,30 @@ def evaluate(predicted: pd.Series, labels: pd.Series, bucket_minutes: int) -> Ev
         false_incidents_per_day=round(len(false) / days, 3),
         mean_time_to_detect_minutes=round(float(np.mean(delays)), 1) if delays else float("nan"),
     )
+
+
+def precision_recall_curve(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall of flagging the top-k scores, for every k (a threshold sweep)."""
+    order = np.argsort(-np.nan_to_num(np.asarray(scores, dtype=float), nan=-np.inf), kind="stable")
+    hits = np.cumsum(np.asarray(truth, dtype=bool)[order])
+    flagged = np.arange(1, len(order) + 1)
+    positives = max(int(np.sum(truth)), 1)
+    return hits / flagged, hits / positives
+
+
+def evaluation_table(scores: pd.DataFrame, labels: pd.Series, bucket_minutes: int) -> pd.DataFrame:
+    """One row per detector (and the ensemble): point and event metrics over the scored buckets."""
+    rows = []
+    for detector, frame in scores.groupby("detector", sort=True):
+        flags = pd.Series(frame["is_anomaly"].to_numpy(), index=pd.DatetimeIndex(frame["bucket_start"]))
+        result = evaluate(flags.sort_index(), labels, bucket_minutes)
+        rows.append(
+            {
+                "detector": detector,
+                **result.to_dict(),
+                "buckets": len(frame),
+                "first_bucket": frame["bucket_start"].min(),
+                "last_bucket": frame["bucket_start"].max(),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -20,7 +20,7 @@ import pandas as pd
 from anomaly_dagster import ingest, modeling, plots
 from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.detectors import load_detectors, save_detectors
-from anomaly_dagster.evaluation import source_labels
+from anomaly_dagster.evaluation import evaluation_table, precision_recall_curve, source_labels
 from anomaly_dagster.features import build_features
 from anomaly_dagster.incidents import merge_incidents
 from anomaly_dagster.sql import quote_identifier, quote_literal
@@ -317,6 +317,53 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
     return _record(context, outputs)
 
 
+# --- evaluation (not partitioned: all scored days against the labels) ----------------------------
+
+
+def run_evaluation(context: StageContext) -> AssetOutput | None:
+    """Every detector and the ensemble against the source's labels, over all scored days.
+
+    Stored as a snapshot under the last scored day (``evaluation/date=<last day>``): the
+    evaluation as of that day. Returns None when the source has no labels file.
+    """
+    source, warehouse = context.source, context.warehouse
+    labels = source_labels(source, context.landing_dir)
+    days = warehouse.existing_days(source.name, "scores")
+    if labels is None or not days:
+        return None
+    scores = warehouse.read_partitions(source.name, "scores", days)
+    table = evaluation_table(scores, labels, source.bucket_minutes)
+    truth = labels.reindex(pd.DatetimeIndex(scores["bucket_start"]), fill_value=False).to_numpy()
+    curves = {
+        name: precision_recall_curve(frame["normalized"].to_numpy(), truth[frame.index])
+        for name, frame in scores.reset_index(drop=True).groupby("detector")
+    }
+    ensemble = scores[scores["detector"] == modeling.ENSEMBLE].sort_values("bucket_start")
+    features = warehouse.read_partitions(source.name, "features", days)
+    lead_detector = next(d for d in source.detectors if d.name == source.ensemble_detectors[0])
+    lead = next((f for f in lead_detector.features if f in source.series_columns), source.series_columns[0])
+    series = pd.DataFrame(
+        {
+            "bucket_start": ensemble["bucket_start"].to_numpy(),
+            "value": features.set_index("bucket_start")[lead].reindex(ensemble["bucket_start"]).to_numpy(),
+            "label": labels.reindex(pd.DatetimeIndex(ensemble["bucket_start"]), fill_value=False).to_numpy(),
+            "flagged": ensemble["is_anomaly"].to_numpy(),
+        }
+    )
+    series.attrs["name"] = lead
+    plot = warehouse.plot_file(source.name, "evaluation", days[0], days[-1])
+    atomic_write_bytes(plot, plots.evaluation_plot(curves, series, f"{source.name} {days[0]}..{days[-1]}"))
+    written = warehouse.write_partition(
+        source.name, "evaluation", days[-1], table, [("scores", d) for d in days]
+    )
+    output = AssetOutput("evaluation", {days[-1]: table}, [written], [plot])
+    output.summary.update(
+        {f"{row.detector}_f1": float(row.f1) for row in table.itertuples()} | {"days": len(days)}
+    )
+    _record(context, [output])
+    return output
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "ingest", ("raw_events", "quarantine"), lambda s: (), run_ingest, "Landing files → typed UTC events."
@@ -367,6 +414,7 @@ ASSET_DESCRIPTIONS = {
     "scores": "Per bucket and detector: score, threshold, flag, attribution, expected value.",
     "anomalies": "One row per flagged bucket with the detectors that fired.",
     "incidents": "Consecutive flagged buckets merged: start, end, peak, top feature and direction.",
+    "evaluation": "Each detector and the ensemble against the labels: precision, recall, F1, incidents.",
 }
 
 

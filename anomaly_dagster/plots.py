@@ -83,3 +83,36 @@ def attribution_plot(scores: pd.DataFrame, detector: str, title: str) -> bytes:
     attribution_axis.set_ylabel("attribution (HIGH +, LOW -)")
     attribution_axis.legend(loc="upper left", fontsize=8, ncol=len(features) or 1)
     return _png(figure)
+
+
+def evaluation_plot(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], series: pd.DataFrame, title: str
+) -> bytes:
+    """Precision-recall curve per detector, and the ensemble's flags against the labels over time."""
+    figure, (curve_axis, series_axis) = plt.subplots(
+        1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 2.4]}
+    )
+    figure.subplots_adjust(left=0.06, right=0.98, top=0.88, bottom=0.14, wspace=0.18)
+    for name, (precision, recall) in curves.items():
+        curve_axis.plot(recall, precision, linewidth=1.0, label=name)
+    curve_axis.set_xlabel("recall")
+    curve_axis.set_ylabel("precision")
+    curve_axis.set_xlim(0, 1.02)
+    curve_axis.set_ylim(0, 1.02)
+    curve_axis.legend(fontsize=7)
+    series_axis.plot(series["bucket_start"], series["value"], linewidth=0.7, color="tab:blue")
+    labelled = series[series["label"]]
+    flagged = series[series["flagged"]]
+    series_axis.scatter(
+        labelled["bucket_start"],
+        labelled["value"],
+        s=30,
+        facecolors="none",
+        edgecolors="tab:green",
+        label="labelled",
+    )
+    series_axis.scatter(flagged["bucket_start"], flagged["value"], s=8, color="tab:red", label="flagged")
+    series_axis.legend(fontsize=7, loc="upper left")
+    series_axis.set_ylabel(series.attrs.get("name", "value"))
+    figure.suptitle(title, fontsize=10)
+    return _png(figure)

@@ -14,7 +14,16 @@ import dagster as dg
 
 from anomaly_dagster import __version__, checks
 from anomaly_dagster.config import SourceConfig
-from anomaly_dagster.pipeline import ASSET_DESCRIPTIONS, STAGES, AssetOutput, Stage, StageContext, Upstream
+from anomaly_dagster.evaluation import labels_file
+from anomaly_dagster.pipeline import (
+    ASSET_DESCRIPTIONS,
+    STAGES,
+    AssetOutput,
+    Stage,
+    StageContext,
+    Upstream,
+    run_evaluation,
+)
 from anomaly_dagster.sql import parse_day
 from anomaly_dagster.warehouse import RunInfo
 from resources.warehouse import WarehouseResource
@@ -136,7 +145,36 @@ def _stage_asset(
     return _materialize
 
 
+def _evaluation_asset(source: SourceConfig) -> dg.AssetsDefinition:
+    """Not partitioned: every scored day against the labels, refreshed on demand."""
+
+    @dg.asset(
+        key=[source.name, "evaluation"],
+        deps=[dg.AssetKey([source.name, "scores"])],
+        description=ASSET_DESCRIPTIONS["evaluation"],
+        group_name=source.name,
+        kinds={"duckdb", "parquet"},
+        code_version=__version__,
+    )
+    def _evaluation(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        stage_context = StageContext(
+            source, warehouse.open(), warehouse.landing_path, RunInfo(context.run.run_id, __version__)
+        )
+        output = run_evaluation(stage_context)
+        if output is None:
+            labels = labels_file(source, warehouse.landing_path)
+            return dg.MaterializeResult(
+                metadata={
+                    "note": f"nothing to evaluate: labels file {labels or source.labels} or scores missing"
+                }
+            )
+        return dg.MaterializeResult(metadata=_metadata(output))
+
+    return _evaluation
+
+
 def build_source_assets(source: SourceConfig) -> list[dg.AssetsDefinition]:
-    """The whole chain of one source, keyed ``[<source>, <asset>]``."""
+    """The whole chain of one source, keyed ``[<source>, <asset>]``, plus its evaluation where labelled."""
     partitions = daily_partitions(source)
-    return [_stage_asset(source, stage, partitions) for stage in STAGES]
+    chain = [_stage_asset(source, stage, partitions) for stage in STAGES]
+    return chain + ([_evaluation_asset(source)] if source.labels is not None else [])

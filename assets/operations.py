@@ -19,7 +19,8 @@ def source_job(source: SourceConfig) -> dg.UnresolvedAssetJobDefinition:
     """The whole chain of one source for one partition (or a range, in one run)."""
     return dg.define_asset_job(
         name=f"{source.name}_pipeline",
-        selection=dg.AssetSelection.groups(source.name),
+        selection=dg.AssetSelection.groups(source.name)
+        - dg.AssetSelection.assets([source.name, "evaluation"]),
         description=f"Ingest, resample, train, score and report anomalies for {source.name}.",
     )
 

@@ -18,7 +18,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 OUR_CODE = tuple(str(REPO / folder) for folder in ("anomaly_dagster", "assets", "resources"))
-ASSETS = {"raw_events", "quarantine", "resampled", "features", "model", "scores", "anomalies", "incidents"}
+ASSETS = {
+    *("raw_events", "quarantine", "resampled", "features", "model", "scores", "anomalies", "incidents"),
+    "evaluation",
+}
 
 
 def test_code_location_defines_the_clickstream_chain():

@@ -31,6 +31,8 @@ def backfilled(reference_dir, tmp_path_factory) -> Warehouse:
     landing.mkdir()
     home.mkdir()
     (landing / "clicks.csv.gz").symlink_to(reference_dir / "clicks.csv.gz")
+    (root / "labels").mkdir()
+    (root / "labels" / "clickstream_labels.csv").symlink_to(reference_dir / "fault_label_10T.csv")
     env = {
         **os.environ,
         "ANOMALY_LANDING_DIR": str(landing),
@@ -64,6 +66,7 @@ def test_every_table_and_lineage_row_exists(backfilled):
     assert backfilled.query("SELECT count(*) AS n FROM clickstream.quarantine")["n"].iloc[0] == 0
     lineage = backfilled.query("SELECT asset, partition FROM meta.lineage")
     expected = {(asset, f"2020-07-{day:02d}") for asset in ASSETS for day in range(7, 16)}
+    expected.add(("evaluation", "2020-07-15"))  # the evaluation as of the last scored day
     assert set(map(tuple, lineage.to_numpy())) == expected and len(lineage) == len(expected)
 
 
@@ -86,6 +89,16 @@ def test_known_faults_are_found(backfilled, reference_dir):
     assert len(program_error) == 1  # one incident, explained as too few users for the clicks
     explained = (program_error["top_feature"].iloc[0], program_error["direction"].iloc[0])
     assert explained in {("users", "LOW"), ("clicks_per_user", "HIGH"), ("residual", "HIGH")}
+
+
+def test_evaluation_table_scores_every_detector_against_the_labels(backfilled):
+    evaluation = backfilled.query("SELECT * FROM clickstream.evaluation").set_index("detector")
+    assert set(evaluation.index) == {"rcf", "zscore", "iqr", "iforest", "ensemble"}
+    assert (evaluation["labelled_incidents"] == 8).all() and (evaluation["buckets"] == 1296).all()
+    rcf = evaluation.loc["rcf"]
+    assert rcf["incidents_caught"] == 8 and rcf["f1"] >= 0.7 and rcf["false_incidents_per_day"] <= 0.5
+    assert evaluation.loc["ensemble", "f1"] == rcf["f1"]  # only RCF votes for the clickstream
+    assert list((backfilled.root / "clickstream" / "plots" / "evaluation").glob("*.png"))
 
 
 def test_rerunning_one_day_leaves_every_table_unchanged(backfilled):
