@@ -155,6 +155,18 @@ class EnsembleConfig(_Strict):
     min_votes: int = Field(1, ge=1)
 
 
+class StreamingConfig(_Strict):
+    """A source's ``streaming:`` section: windowing, learning and checkpointing of ``stream``.
+
+    The forest's shape (trees, sample size, shingle) is the lead detector's, from ``detectors``.
+    """
+
+    allowed_lateness_minutes: float = Field(5.0, ge=0)
+    time_decay: float | None = Field(None, ge=0)  # None: the model's, else 1/(training_days*buckets_per_day)
+    warmup_windows: int | None = Field(None, ge=1)  # cold start: windows before training; None: one day
+    checkpoint_seconds: float = Field(5.0, gt=0)
+
+
 class ChecksConfig(_Strict):
     max_quarantine_rate: float = Field(0.01, ge=0.0, le=1.0)
     max_alert_rate: float = Field(0.2, ge=0.0, le=1.0)
@@ -181,6 +193,7 @@ class SourceConfig(_Strict):
     incident_gap_buckets: int = Field(0, ge=0)
     checks: ChecksConfig = ChecksConfig()
     labels: LabelsConfig | None = None
+    streaming: StreamingConfig = StreamingConfig()
     max_field_length: int = Field(1024, ge=1)
 
     @field_validator("name")

@@ -1,0 +1,651 @@
+"""Streaming detection: the same answers as batch, late and bad input, crashes, signals and transports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly_dagster import ingest, streaming
+from anomaly_dagster.config import SourceConfig, load_sources
+from anomaly_dagster.definitions import build_definitions
+from anomaly_dagster.pipeline import resample_sql
+from anomaly_dagster.streaming import (
+    EventParser,
+    FileTransport,
+    JsonLinesOutput,
+    KafkaTransport,
+    StreamingConfig,
+    StreamRunner,
+    register_cli,
+    run_stream_command,
+)
+from anomaly_dagster.warehouse import Warehouse
+
+SOURCE = load_sources()["clickstream"]
+STREAM = [str(Path(sys.executable).parent / "anomaly-dagster"), "stream", "--source", "clickstream"]
+START = datetime(2020, 7, 15)
+
+
+def event(at: datetime | str, user: str = "u1", page: str = "p1") -> str:
+    stamp = at if isinstance(at, str) else at.strftime("%Y-%m-%d %H:%M:%S")
+    return json.dumps({"timestamp": stamp, "page": page, "user": user})
+
+
+def traffic(windows: int, per_window: int = 12, seed: int = 3) -> list[str]:
+    """Sorted events: ``per_window`` events per 10 minutes from ``START``, a few users repeating."""
+    rng = np.random.default_rng(seed)
+    seconds = np.sort(rng.integers(0, windows * 600, windows * per_window))
+    return [
+        event(START + timedelta(seconds=int(second)), f" u{rng.integers(0, 40)} ", f"p{rng.integers(0, 5)}")
+        for second in seconds
+    ]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_file(
+    tmp_path: Path,
+    lines: list[str],
+    config: StreamingConfig | None = None,
+    state: Path | None = None,
+    source: SourceConfig = SOURCE,
+) -> tuple[list[dict], Warehouse]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    warehouse = Warehouse(tmp_path / "warehouse")
+    out = tmp_path / "out.jsonl"
+    runner = StreamRunner(
+        source, FileTransport(path), str(out), warehouse, state, config or StreamingConfig()
+    )
+    assert runner.run() == 0
+    return read_rows(out), warehouse
+
+
+def metrics_of(rows: list[dict]) -> list[tuple]:
+    return [(row["window_start"], row["pages"], row["users"], row["clicks"]) for row in rows]
+
+
+def stream_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "ANOMALY_WAREHOUSE_DIR": str(tmp_path / "warehouse")}
+
+
+# --- parsing: batch ingestion's rules --------------------------------------------------------------
+
+BASE = {"timestamp": "2020-07-15 10:00:00", "page": " p01 ", "user": " u1 ", "session_id": "s"}
+
+
+def _json(**fields) -> str:
+    return json.dumps({**BASE, **fields})
+
+
+JSON_CASES = [
+    _json(),
+    _json(timestamp="2020-07-15T10:00:00+02:00"),
+    _json(timestamp="2020-07-15 10:00:00 +0200"),
+    _json(timestamp="2020-07-15T08:00:00Z"),
+    _json(timestamp="  2020-07-15 10:00:02  "),
+    _json(timestamp="2020-07-15 10:00:00.123"),
+    _json(timestamp="2020-07-15"),
+    _json(timestamp="2020-7-15 10:00:00"),
+    _json(timestamp="2020-10-25 02:30:00"),  # ambiguous in Europe/Berlin
+    _json(timestamp="2021-03-28 02:30:00"),  # does not exist in Europe/Berlin
+    _json(timestamp="2020-07-15 10:00:00 Europe/Paris"),
+    _json(timestamp="2020-07-15 10:00:00+19:00"),
+    _json(timestamp="yesterday"),
+    _json(timestamp="2020-13-01 00:00:00"),
+    _json(timestamp="2020-07-32 00:00:00"),
+    _json(timestamp="2020-07-15 24:00:00"),
+    _json(timestamp="2020-07-15 23:59:60"),
+    _json(timestamp="2019-01-01 00:00:00"),
+    _json(timestamp="2099-01-01 00:00:00"),
+    _json(timestamp="1594807200"),
+    _json(timestamp="infinity"),
+    _json(timestamp=None),
+    _json(timestamp="   "),
+    json.dumps({"page": "p", "user": "u"}),
+    _json(user="   "),
+    json.dumps({"timestamp": "2020-07-15 10:00:01", "page": "p", "user": "u"}),
+    _json(page="p\u0001x"),
+    _json(user="a\u007f"),
+    _json(page="p\u0000"),
+    _json(page="p\tq"),
+    _json(page="pé"),
+    _json(user="x" * 2000),
+    '{"timestamp": "2020-07-15 10:00:00", "page": "p", "user": 123}',
+    '{"timestamp": "2020-07-15 10:00:04", "page": "p", "user": true}',
+    '{"timestamp": "2020-07-15 10:00:04", "page": "p", "user": null}',
+    '{"timestamp": "2020-07-15 10:00:00", "page": {"a": 1}, "user": "u"}',
+    '{"timestamp": 1e3, "page": -0, "user": 12.50}',
+    '{"timestamp": NaN, "page": "p", "user": "u"}',
+    '{"timestamp": "2020-07-15 10:00:00", "page": "a", "page": "b", "user": "u"}',
+    '{"timestamp": "2020-07-15 10:00:00", "page": "p", "user": "u", "extra": [1, {"b": null}]}',
+    '{"timestamp": "2020-07-15 10:00:04", "page": "p", "user": "u"}{"a": 1}',
+    '  {"timestamp": "2020-07-15 10:00:03", "page": "p", "user": "u"}   ',
+    '{"timestamp": ',
+    "not json",
+    "[1, 2]",
+    "{}",
+    "",
+    "   ",
+]
+
+
+def _batch(source: SourceConfig, path: Path) -> tuple[dict[int, tuple], set[int]]:
+    connection = duckdb.connect()
+    _, rejects = ingest.load_file(connection, source, path)
+    typed = connection.execute('SELECT line, epoch_us(timestamp) AS ts, page, "user", reason FROM typed').df()
+    good = typed[typed["reason"].isna()]
+    events = {int(row.line): (int(row.ts), row.page, row.user) for row in good.itertuples()}
+    bad = set(typed.loc[typed["reason"].notna(), "line"].astype(int)) | set(rejects["line"].astype(int))
+    return events, bad
+
+
+def _stream(source: SourceConfig, data: bytes, input_format: str) -> tuple[dict[int, tuple], dict[int, str]]:
+    parsed = EventParser(source, "test", input_format).parse(data)
+    pages, users = parsed.values["page"].to_pylist(), parsed.values["user"].to_pylist()
+    events = {
+        int(line) + 1: (int(ts), page, user)
+        for line, ts, page, user in zip(parsed.line, parsed.ts, pages, users, strict=True)
+    }
+    return events, {index + 1: reason for index, reason, _ in parsed.bad}
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "Europe/Berlin"])
+def test_json_lines_parse_as_batch_ingestion_does(tmp_path, timezone):
+    source = SourceConfig.model_validate(
+        {**SOURCE.model_dump(), "timestamp": {**SOURCE.timestamp.model_dump(), "timezone": timezone}}
+    )
+    data = (
+        "\n".join(JSON_CASES).encode()
+        + b'\n{"timestamp": "2020-07-15 10:00:05", "page": "p\xff", "user": "u"}\n'
+    )
+    path = tmp_path / "clicks.jsonl"
+    path.write_bytes(data)
+    batch_events, batch_bad = _batch(source, path)
+    events, bad = _stream(source, data, "jsonl")
+    assert events == batch_events
+    assert set(bad) == batch_bad
+    assert len(events) > 10 and len(bad) > 20
+    connection = duckdb.connect()
+    ingest.load_file(connection, source, path)
+    reasons = dict(connection.execute("SELECT line, reason FROM typed WHERE reason IS NOT NULL").fetchall())
+    assert {line: bad[line] for line in reasons} == reasons  # the same words, from the same SQL
+
+
+def test_csv_lines_parse_as_batch_ingestion_does(tmp_path):
+    rows = [
+        "timestamp,page,user,session_id",
+        "2020-07-15 10:00:00, p03 , u0000000001,2020-07-15 10:00:00 ; p03 ; u0000000001",
+        '2020-07-15 10:00:01,"p,1","u ""q"" x",s',
+        "2020-07-15 10:00:02,p,u",
+        "2020-07-15 10:00:03,p,u,s,extra",
+        '2020-07-15 10:00:04,"p,u,s',
+        '2020-07-15 10:00:05,p"2,u,s',
+        '2020-07-15 10:00:06,"ab"c,u,s',
+        "",
+        "2020-07-15T10:00:07+02:00,p,u,s",
+        "garbage",
+        "2020-07-15 10:00:08,p,   ,s",
+        "2020-07-15 10:00:09,p,u,",
+        "2020-07-15 10:00:10,p\x01,u,s",
+        "2020-07-15 10:00:11,p\tq,u,s",
+        "   ,p,u,s",
+        "2020-07-15 10:00:12,p,u,s",
+    ]
+    data = ("\n".join(rows) + "\n").encode()
+    path = tmp_path / "clicks.csv"
+    path.write_bytes(data)
+    batch_events, batch_bad = _batch(SOURCE, path)
+    events, bad = _stream(SOURCE, data, "auto")
+    assert events == batch_events and len(events) == 6
+    assert set(bad) == batch_bad
+    assert bad[6] == ingest.UNTERMINATED_QUOTE and bad[12] == "missing user"
+
+
+def test_csv_without_header_uses_the_source_column_order():
+    parsed = EventParser(SOURCE, "test").parse(b"2020-07-15 10:00:00,p1, u1 ,s\n")
+    assert parsed.values["user"].to_pylist() == ["u1"] and not parsed.bad
+
+
+# --- windows: batch resampling's aggregates --------------------------------------------------------
+
+
+def test_every_aggregation_equals_batch_resampling(tmp_path):
+    source = SourceConfig.model_validate(
+        {
+            "name": "orders",
+            "start_date": "2020-07-01",
+            "files": ["orders*.jsonl"],
+            "columns": [{"name": "user"}, {"name": "amount", "type": "number", "required": False}],
+            "metrics": [
+                {"name": "orders", "agg": "count"},
+                {"name": "buyers", "agg": "nunique", "column": "user"},
+                {"name": "amounts", "agg": "nunique", "column": "amount"},
+                {"name": "revenue", "agg": "sum", "column": "amount"},
+                {"name": "mean_amount", "agg": "mean", "column": "amount"},
+                {"name": "low", "agg": "min", "column": "amount"},
+                {"name": "high", "agg": "max", "column": "amount"},
+                {"name": "p95_amount", "agg": "p95", "column": "amount"},
+            ],
+            "detectors": [{"name": "z", "kind": "robust_zscore", "features": ["orders"]}],
+        }
+    )
+    rng = np.random.default_rng(5)
+    stamps = START + pd.to_timedelta(np.sort(rng.integers(0, 3 * 3600, 800)), unit="s")
+    amounts = np.where(rng.random(800) < 0.1, np.nan, rng.integers(1, 50, 800) / 4)
+    amounts[(stamps >= START + timedelta(minutes=30)) & (stamps < START + timedelta(minutes=50))] = np.nan
+    users = [f"u{value}" for value in rng.integers(0, 60, 800)]
+    lines = [
+        json.dumps(
+            {"timestamp": str(stamp), "user": user, **({} if np.isnan(amount) else {"amount": amount})}
+        )
+        for stamp, user, amount in zip(stamps, users, amounts, strict=True)
+    ]
+    lines[100], lines[101] = lines[101], lines[100]  # out of order, within the lateness
+    rows, _ = run_file(tmp_path, lines, source=source)
+    events = pd.DataFrame({"timestamp": stamps.astype("datetime64[us]"), "user": users, "amount": amounts})
+    events.to_parquet(tmp_path / "events.parquet")
+    with duckdb.connect() as connection:
+        batch = connection.execute(
+            resample_sql(source, [str(tmp_path / "events.parquet")], [START.date()])
+        ).df()
+    batch = batch.set_index(batch["bucket_start"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert len(rows) == 18
+    for row in rows:
+        expected = batch.loc[row["window_start"]]
+        for name in source.metric_names:
+            if pd.isna(expected[name]):
+                assert row[name] is None, (row["window_start"], name)
+            else:
+                assert row[name] == pytest.approx(float(expected[name]), rel=1e-12), (
+                    row["window_start"],
+                    name,
+                )
+    assert any(row["revenue"] is None and row["orders"] > 0 for row in rows)  # amounts all missing there
+
+
+def test_late_and_out_of_order_events(tmp_path):
+    at = [START + timedelta(minutes=minutes) for minutes in (0, 3, 1, 12, 8, 16, 9, 14, 40)]
+    lines = [event(when, user=f"u{i}") for i, when in enumerate(at)]
+    rows, warehouse = run_file(tmp_path, lines, StreamingConfig(allowed_lateness_minutes=5))
+    windows = [(row["window_start"][11:16], row["users"], row["clicks"]) for row in rows]
+    # 10:01 and 10:08 arrive out of order but within 5 minutes: counted; 10:09 arrives after the
+    # watermark (10:16 - 5 min) passed 10:10: its window had closed, so it is quarantined
+    assert windows == [("00:00", 4, 4), ("00:10", 3, 3), ("00:20", 0, 0), ("00:30", 0, 0), ("00:40", 1, 1)]
+    quarantine = warehouse.read_partitions("clickstream", "stream_quarantine", [START.date()])
+    assert quarantine[["line", "raw"]].values.tolist() == [[7, lines[6]]]
+    assert quarantine["reason"].iloc[0].startswith("late event: its window 2020-07-15T00:00:00Z had closed")
+    stored = warehouse.query("SELECT window_start, users FROM clickstream.stream_scores ORDER BY 1")
+    assert stored["users"].tolist() == [4, 3, 0, 0, 1]
+
+
+def test_cold_start_trains_on_the_first_windows_then_scores(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="anomaly_dagster.streaming")
+    rows, _ = run_file(tmp_path, traffic(30, per_window=20), StreamingConfig(warmup_windows=12))
+    assert len(rows) == 30
+    assert all(row["score"] is None and not row["is_anomaly"] for row in rows[:12])
+    assert all(row["score"] is not None and row["threshold"] > 0 for row in rows[12:])
+    assert set(rows[20]["attribution"]) == {"users", "clicks", "clicks_per_user", "users_lag1", "clicks_lag1",
+                                            "tod_sin", "tod_cos"}  # fmt: skip
+    assert (
+        "cold start: no clickstream model" in caplog.text
+        and "trained on the stream's first 12" in caplog.text
+    )
+
+
+# --- robustness: bad input, signals, crashes -------------------------------------------------------
+
+
+def test_malformed_events_are_quarantined_and_the_stream_goes_on(tmp_path):
+    good = [event(START + timedelta(minutes=minutes), user=f"u{minutes}") for minutes in range(0, 30, 2)]
+    bad = [
+        b"not json {",
+        b'{"timestamp": "nope", "page": "p", "user": "u"}',
+        b'{"timestamp": "2020-07-15 00:05:00", "page": "p"',
+        b"\xff\xfe\x00 binary garbage \x01\x02",
+        b"[1, 2]",
+        b"x" * 100_000,
+        b'{"timestamp": "2020-07-15 00:05:00", "page": "p", "user": "u\\u0000"}',
+    ]
+    data = b""
+    for index, line in enumerate(good):
+        data += line.encode() + b"\n"
+        if index < len(bad):
+            data += bad[index] + b"\n"
+    data += b"2020-07-15 00:29:00,p9,u99,s\n"  # a CSV line in the source's column order is an event too
+    completed = subprocess.run(
+        [*STREAM, "--input", "-", "--out", "-"],
+        input=data,
+        env=stream_env(tmp_path),
+        capture_output=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr.decode()[-3000:]
+    rows = [json.loads(line) for line in completed.stdout.decode().splitlines()]
+    assert [row["clicks"] for row in rows] == [5, 5, 6]
+    assert "7 quarantined" in completed.stderr.decode()
+    quarantine = Warehouse(tmp_path / "warehouse").read_partitions(
+        "clickstream", "stream_quarantine", [START.date()]
+    )
+    assert sorted(quarantine["line"]) == [2, 4, 6, 8, 10, 12, 14]
+    reasons = set(quarantine["reason"])
+    assert {"malformed JSON", "unparseable timestamp nope", "control characters in user"} <= reasons
+    assert any(reason.startswith("not UTF-8") for reason in reasons)
+
+
+def _wait_for_line(process: subprocess.Popen, timeout: float = 120) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([process.stdout], [], [], 0.5)[0]:
+            return process.stdout.readline()
+    raise AssertionError("no output from the stream")
+
+
+def test_sigterm_closes_the_open_windows_flushes_and_exits_0(tmp_path):
+    process = subprocess.Popen(
+        [*STREAM, "--input", "-", "--out", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=stream_env(tmp_path),
+    )
+    try:
+        lines = [
+            event(START),
+            event(START + timedelta(minutes=4)),
+            event(START + timedelta(minutes=21), "u2"),
+        ]
+        process.stdin.write(("\n".join(lines) + "\n").encode())
+        process.stdin.flush()
+        first = json.loads(_wait_for_line(process))  # the 00:00 window closed: the stream is running
+        process.send_signal(signal.SIGTERM)
+        rest, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    rows = [first, *(json.loads(line) for line in rest.decode().splitlines())]
+    assert [(row["window_start"][11:16], row["clicks"]) for row in rows] == [
+        ("00:00", 2),
+        ("00:10", 0),
+        ("00:20", 1),
+    ]
+    assert "stop requested" in stderr.decode()
+    stored = Warehouse(tmp_path / "warehouse").query("SELECT count(*) AS n FROM clickstream.stream_scores")
+    assert stored["n"].iloc[0] == 3
+
+
+def test_sigkill_then_restart_with_the_state_counts_every_event_once(tmp_path):
+    lines = traffic(40, per_window=25)
+    lines[200:200] = [lines[199]]  # the same event twice in one window: both count, as in batch
+    clean, _ = run_file(tmp_path / "clean", lines)
+    state, out = tmp_path / "state.npz", tmp_path / "out.jsonl"
+    command = [*STREAM, "--input", "-", "--out", str(out), "--state", str(state)]
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, env=stream_env(tmp_path / "crash")
+    )
+    try:
+        process.stdin.write(("\n".join(lines[:600]) + "\n").encode())
+        process.stdin.flush()
+        deadline = time.monotonic() + 180
+        while not state.exists() and time.monotonic() < deadline:  # a checkpoint was taken
+            time.sleep(0.2)
+        assert state.exists()
+        process.stdin.write(("\n".join(lines[600:700]) + "\n").encode())  # processed, then lost in the crash
+        process.stdin.flush()
+        time.sleep(1.0)
+    finally:
+        process.kill()  # SIGKILL: no cleanup at all
+        process.wait()
+    # the producer replays everything from the start; events the state already holds are skipped once
+    completed = subprocess.run(
+        command,
+        input=("\n".join(lines) + "\n").encode(),
+        env=stream_env(tmp_path / "crash"),
+        capture_output=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr.decode()[-3000:]
+    assert "resumed from" in completed.stderr.decode()
+    assert metrics_of(read_rows(out)) == metrics_of(clean)
+    stored = Warehouse(tmp_path / "crash" / "warehouse").query(
+        "SELECT clicks FROM clickstream.stream_scores ORDER BY window_start"
+    )
+    assert stored["clicks"].tolist() == [row["clicks"] for row in clean]
+
+
+def test_resuming_a_file_continues_at_its_offset_with_the_same_scores(tmp_path, monkeypatch):
+    monkeypatch.setattr(streaming, "READ_BYTES", 1024)
+    config = StreamingConfig(warmup_windows=8)
+    lines = traffic(30, per_window=20)
+    clean, _ = run_file(tmp_path / "clean", lines, config)
+    path, out, state = tmp_path / "events.jsonl", tmp_path / "out.jsonl", tmp_path / "state.npz"
+    path.write_text("\n".join(lines) + "\n")
+
+    def runner() -> StreamRunner:
+        return StreamRunner(
+            SOURCE, FileTransport(path), str(out), Warehouse(tmp_path / "warehouse"), state, config
+        )
+
+    crashed = runner()
+    crashed.output = JsonLinesOutput(str(out))
+    assert path.stat().st_size > 35 * 1024
+    for _ in range(15):
+        crashed.process(crashed.transport.read(0))
+    crashed.checkpoint()
+    for _ in range(10):  # processed and printed after the checkpoint, then the process dies
+        crashed.process(crashed.transport.read(0))
+    crashed.output.flush()
+    assert len(read_rows(out)) > 0
+    assert runner().run() == 0
+    resumed = read_rows(out)
+    assert [row["window_start"] for row in resumed] == [row["window_start"] for row in clean]
+    assert resumed == clean  # aggregates and scores: the forest and its RNG resumed exactly
+
+
+# --- transports ------------------------------------------------------------------------------------
+
+
+def test_tcp_input_reads_from_a_local_producer(tmp_path):
+    lines = traffic(5)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def produce() -> None:
+        connection, _ = server.accept()
+        with connection:
+            for line in lines:
+                connection.sendall(line.encode() + b"\n")
+        server.close()
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    out = tmp_path / "out.jsonl"
+    completed = subprocess.run(
+        [*STREAM, "--input", f"tcp://127.0.0.1:{port}", "--out", str(out)],
+        env=stream_env(tmp_path),
+        capture_output=True,
+        timeout=300,
+    )
+    thread.join(timeout=10)
+    assert completed.returncode == 0, completed.stderr.decode()[-3000:]
+    assert metrics_of(read_rows(out)) == metrics_of(run_file(tmp_path / "file", lines)[0])
+
+
+class FakeError:
+    def fatal(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return "broker transport failure"
+
+
+class FakeMessage:
+    def __init__(
+        self, partition: int, offset: int, value: bytes | None, error: FakeError | None = None
+    ) -> None:
+        self._partition, self._offset, self._value, self._error = partition, offset, value, error
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def error(self) -> FakeError | None:
+        return self._error
+
+
+class FakeConsumer:
+    """confluent-kafka's consume/commit/close, replaying a fixed log; asks the runner to stop at its end."""
+
+    def __init__(self, messages: list[FakeMessage]) -> None:
+        self.messages = messages
+        self.commits = 0
+        self.closed = False
+        self.on_end = lambda: None
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        batch, self.messages = self.messages[:num_messages], self.messages[num_messages:]
+        if not batch:
+            self.on_end()
+        return batch
+
+    def commit(self, asynchronous: bool = True) -> None:
+        assert asynchronous is False
+        self.commits += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _kafka_log(lines: list[str]) -> list[FakeMessage]:
+    """Events spread over two partitions, with a transport error in between."""
+    messages, offsets = [], [0, 0]
+    for index, line in enumerate(lines):
+        partition = index % 2
+        messages.append(FakeMessage(partition, offsets[partition], line.encode()))
+        offsets[partition] += 1
+    messages.insert(5, FakeMessage(0, -1, None, FakeError()))
+    return messages
+
+
+def _run_kafka(tmp_path: Path, messages: list[FakeMessage], state: Path) -> tuple[StreamRunner, FakeConsumer]:
+    consumer = FakeConsumer(messages)
+    runner = StreamRunner(
+        SOURCE,
+        KafkaTransport(consumer, "clicks"),
+        str(tmp_path / "out.jsonl"),
+        Warehouse(tmp_path / "wh"),
+        state,
+    )
+    consumer.on_end = runner.request_stop
+    assert runner.run() == 0
+    return runner, consumer
+
+
+def test_kafka_transport_with_a_fake_consumer_resumes_at_its_offsets(tmp_path):
+    lines = traffic(6)
+    minutes = [json.loads(line)["timestamp"][:15] for line in lines]
+    split = next(i for i in range(30, len(lines)) if minutes[i] != minutes[i - 1])  # a stop closes windows
+    state = tmp_path / "state.npz"
+    first, consumer = _run_kafka(tmp_path, _kafka_log(lines[:split]), state)
+    assert consumer.commits >= 1 and consumer.closed
+    assert first.transport.position() == {"0": (split + 1) // 2, "1": split // 2}
+    # the group's committed offsets may lag the state: the whole log comes again, the old part is skipped
+    second, _ = _run_kafka(tmp_path, _kafka_log(lines), state)
+    assert second.counts["events"] == len(lines) and second.counts["late"] == 0
+    stored = Warehouse(tmp_path / "wh").query("SELECT sum(clicks) AS n FROM clickstream.stream_scores")
+    assert stored["n"].iloc[0] == len(lines)
+
+
+def test_kafka_without_the_client_says_which_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)
+    with pytest.raises(ValueError, match=r"anomaly-dagster\[kafka\]"):
+        streaming.kafka_transport("127.0.0.1:9092", "clicks", "group")
+
+
+def test_register_cli_adds_the_stream_command():
+    parser = argparse.ArgumentParser(prog="anomaly-dagster")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["stream", "--source", "clickstream", "--input", "tcp://127.0.0.1:9", "--state", "s"]
+    )
+    assert args.handler is run_stream_command and args.out == "-" and args.format == "auto"
+
+
+# --- acceptance: the reference day against the batch pipeline --------------------------------------
+
+
+@pytest.mark.slow
+def test_reference_day_streams_to_the_batch_answers(reference_dir, tmp_path):
+    landing, warehouse_root = tmp_path / "landing", tmp_path / "warehouse"
+    landing.mkdir()
+    (landing / "clicks.csv.gz").symlink_to(reference_dir / "clicks.csv.gz")
+    definitions = build_definitions(load_sources(), str(landing), str(warehouse_root))
+    result = definitions.resolve_job_def("clickstream_pipeline").execute_in_process(
+        tags={
+            "dagster/asset_partition_range_start": "2020-07-07",
+            "dagster/asset_partition_range_end": "2020-07-15",
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    raw = pd.read_csv(reference_dir / "clicks.csv.gz", dtype=str, keep_default_na=False)
+    day = raw[raw["timestamp"].str.startswith("2020-07-15")].sort_values("timestamp", kind="stable")
+    replay = "".join(json.dumps(record) + "\n" for record in day.to_dict(orient="records"))
+    completed = subprocess.run(
+        [*STREAM, "--input", "-", "--out", "-"],
+        input=replay.encode(),
+        env={**os.environ, "ANOMALY_WAREHOUSE_DIR": str(warehouse_root)},
+        capture_output=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr.decode()[-3000:]
+    assert "warm start from model 2020-07-15" in completed.stderr.decode()
+    rows = pd.DataFrame([json.loads(line) for line in completed.stdout.decode().splitlines()])
+    reference = pd.read_csv(reference_dir / "clicks_10T.csv", parse_dates=["timestamp"])
+    reference = reference[reference["timestamp"].dt.date == date(2020, 7, 15)]
+    assert len(rows) == 144
+    assert rows["window_start"].tolist() == reference["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ").tolist()
+    np.testing.assert_array_equal(rows["users"], reference["user"])
+    np.testing.assert_array_equal(rows["clicks"], reference["click"])
+    assert rows["score"].notna().all() and rows["attribution"].map(len).eq(7).all()
+    assert rows["is_anomaly"].map(type).eq(bool).all()
+
+    warehouse = Warehouse(warehouse_root)
+    scores = warehouse.read_partitions("clickstream", "scores", [date(2020, 7, 15)])
+    batch = scores[scores["detector"] == "ensemble"].sort_values("bucket_start")
+    agreement = (batch["is_anomaly"].to_numpy() == rows["is_anomaly"].to_numpy()).mean()
+    assert agreement >= 0.95, agreement
+    assert batch["is_anomaly"].sum() > 0 and rows["is_anomaly"].sum() > 0
+    rcf = scores[scores["detector"] == "rcf"].sort_values("bucket_start")
+    assert rows["score"].iloc[0] == pytest.approx(rcf["score"].iloc[0], rel=1e-12)  # same forest, same point
+    features = warehouse.read_partitions("clickstream", "features", [date(2020, 7, 15)])
+    np.testing.assert_allclose(rows["clicks_per_user"], features["clicks_per_user"], rtol=1e-12)
+    stored = warehouse.query(
+        "SELECT count(*) AS n, sum(is_anomaly::INT) AS flagged FROM clickstream.stream_scores"
+    )
+    assert stored["n"].iloc[0] == 144 and stored["flagged"].iloc[0] == rows["is_anomaly"].sum()
