@@ -6,6 +6,38 @@ file, line and reason; a file DuckDB cannot read at all (truncated gzip, binary 
 quarantined as a file and does not stop the other files. A file that lacks a required column
 is a configuration or producer error, not a bad row: it fails with a message naming both.
 
+The rules for bad input, case by case:
+
+- *Lines*: one event per physical line. Blank lines are skipped. A line with the wrong number of
+  fields, bytes that are not UTF-8, or more than DuckDB's maximum line size is quarantined with
+  DuckDB's reason. A quote that does not close on its line would make the CSV reader swallow the
+  following lines into one record: when that happens, the lines with an unbalanced quote are
+  quarantined ("unterminated quote") and the file is read again without them, so the lines after
+  them are read as the events they are.
+- *Fields*: a field longer than ``max_field_length`` or holding control characters (NUL, line
+  breaks, other C0 bytes; tab is allowed) is quarantined; so is a number that does not parse, is
+  NaN or infinite, or is below the column's ``min_value``.
+- *Timestamps*: naive times are in the source's time zone; an explicit offset (``+02:00``,
+  ``+0200``, also after a space, or ``Z``) or zone name wins, so files and rows may mix them. A
+  timestamp that does not parse, has an offset beyond ±18:00, or falls before ``start_date`` or more
+  than two days in the future is quarantined. A naive local time in a daylight-saving gap or
+  overlap is read at the zone's standard offset (DuckDB's rule), not quarantined.
+- *Files*: an empty CSV file (no header) and a file DuckDB or gzip cannot read (truncated or
+  corrupt gzip, binary content) are quarantined as a whole; a header-only CSV file, an empty JSON
+  lines file and an empty Parquet file hold no events and are no error. A CSV or Parquet file
+  without a required column, and a JSON lines file none of whose objects has a required field,
+  fail the run with :class:`LandingFileError` naming the file.
+- *Duplicates*: identical events (same timestamp and values) within one file are kept as separate
+  events: the reference clickstream holds 42 such pairs (the same user clicking the same page
+  twice within a second) and its published 10-minute counts include both. Across files, an event
+  counts as often as the file holding it most often; the extra copies in later files (by path) are
+  replays and go to quarantine as "duplicate event", naming the file and line already holding it.
+
+Quarantine rows without a usable timestamp (including every line DuckDB rejected, which it did not
+parse) go to their file's home day: its first valid day, else
+(a file with no valid event, e.g. a truncated gzip) the first day of its readable prefix, else a
+date in its name (``clicks_2020-07-15.csv.gz``), else its modification day.
+
 A small landing index (JSON in the warehouse) remembers which days each file touches, keyed by
 size and modification time, so a daily run reads only the files that hold that day and the
 landing sensor knows which partitions a new or changed file affects.
@@ -16,11 +48,18 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from anomaly_dagster.config import SourceConfig
@@ -29,6 +68,12 @@ from anomaly_dagster.storage import atomic_write_bytes
 
 QUARANTINE_COLUMNS = ["source_file", "line", "reason", "raw"]
 TEXT_COLUMN = "_line_text"
+RAW_MAX_CHARS = 4096  # raw text kept per quarantine row
+SHOWN_MAX_CHARS = 64  # of a value echoed in a reason
+MAX_OFFSET_HOURS = 18
+CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"  # RE2 class: C0 controls and DEL except tab
+UNTERMINATED_QUOTE = "unterminated quote: a quoted field does not close on its line"
+_SCAN_CHUNK = 1 << 22
 
 
 class LandingFileError(ValueError):
@@ -77,74 +122,245 @@ def discover(source: SourceConfig, landing_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+# --- raw bytes: opening, scanning lines ------------------------------------------------------------
+
+
+def _is_gzip(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+@contextmanager
+def _open_binary(path: Path) -> Iterator[BinaryIO]:
+    """The file's (decompressed) bytes; a corrupt or truncated gzip raises UnreadableFile when read."""
+    try:
+        with gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb") as handle:
+            yield handle
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise UnreadableFile(f"cannot read: {error}") from None
+
+
+def _blank_lines(path: Path) -> list[int]:
+    """Numbers of the empty lines (``\\n`` or ``\\r\\n`` only), which DuckDB's CSV reader skips.
+
+    Vectorised over chunks, so a long file costs about as much as decompressing it. Reading to the
+    end also verifies a gzip file (stream end and CRC).
+    """
+    blank: list[np.ndarray] = []
+    base = 1  # number of the line the chunk starts in
+    partial = 0  # bytes of that line seen in earlier chunks
+    partial_cr = False  # whether those bytes end with \r
+    with _open_binary(path) as handle:
+        while chunk := handle.read(_SCAN_CHUNK):
+            data = np.frombuffer(chunk, dtype=np.uint8)
+            ends = np.flatnonzero(data == 10)
+            if not len(ends):
+                partial += len(data)
+                partial_cr = bool(data[-1] == 13)
+                continue
+            starts = np.empty_like(ends)
+            starts[0] = 0
+            starts[1:] = ends[:-1] + 1
+            lengths = ends - starts
+            carriage = np.zeros(len(ends), dtype=bool)
+            filled = lengths > 0
+            carriage[filled] = data[ends[filled] - 1] == 13
+            content = lengths - carriage
+            if partial:
+                first_cr = bool(carriage[0]) if lengths[0] else partial_cr
+                content[0] = partial + lengths[0] - first_cr
+            blank.append(base + np.flatnonzero(content == 0))
+            base += len(ends)
+            partial = len(data) - int(ends[-1]) - 1
+            partial_cr = partial > 0 and bool(data[-1] == 13)
+    return [int(line) for part in blank for line in part]
+
+
+def _unbalanced_quote(line: bytes) -> bool:
+    """Whether a CSV line leaves a quoted field open at its end (as DuckDB's reader may see it)."""
+    body = line.rstrip(b"\r\n")
+    if body.count(b'"') % 2:
+        return True
+    text = body.decode("latin-1").replace("\x00", " ")
+    try:  # an even count can still open a field: p"2,"u2 (the first quote is literal)
+        return len(list(csv.reader([text + "\n", "x\n"]))) == 1
+    except csv.Error:
+        return False
+
+
+def _without_unbalanced_lines(path: Path, directory: Path) -> tuple[Path, dict[int, str]]:
+    """A copy of a CSV file with every line holding an unbalanced quote emptied (line numbers kept).
+
+    Returns the copy and the emptied lines' text.
+    """
+    emptied: dict[int, str] = {}
+    target = directory / "unquoted.csv"
+    with _open_binary(path) as source, open(target, "wb") as out:
+        for number, line in enumerate(source, 1):
+            if number > 1 and b'"' in line and _unbalanced_quote(line):
+                emptied[number] = _raw_text(line.rstrip(b"\r\n"))
+                out.write(b"\r\n" if line.endswith(b"\r\n") else b"\n" if line.endswith(b"\n") else b"")
+            else:
+                out.write(line)
+    return target, emptied
+
+
+def _raw_text(data: bytes) -> str:
+    return _cap(data.decode("utf-8", errors="replace"))
+
+
+def _cap(text: str) -> str:
+    if len(text) <= RAW_MAX_CHARS:
+        return text
+    return f"{text[:RAW_MAX_CHARS]}… [{len(text) - RAW_MAX_CHARS} more characters]"
+
+
 # --- reading one file into typed rows ------------------------------------------------------------
 
 
-def _text_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path) -> str:
+@dataclass
+class _Lines:
+    """What the reader must know about a text file's physical lines besides DuckDB's rows."""
+
+    header: int  # lines before the first data line (1 for CSV, 0 for JSON lines)
+    skipped: list[int]  # physical lines DuckDB produced no row for (besides its rejects)
+    quarantined: dict[int, str]  # lines quarantined before DuckDB read the file: line -> raw text
+
+
+def _text_relation(
+    connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path
+) -> tuple[str, _Lines | None]:
     """Create temp table ``landed`` (line, raw text fields) for one file; returns its format.
 
-    Reject rows of CSV files (wrong column count, bad quoting) are left in ``reject_errors``.
+    Reject rows of CSV and JSON lines files (wrong column count, bad quoting, not UTF-8, too long)
+    are left in ``reject_errors``; the returned ``_Lines`` says how to number the rows DuckDB read.
     """
-    literal = quote_literal(str(path))
-    names = [source.timestamp.column, *(column.name for column in source.columns)]
     kind = file_format(path)
     if kind == "csv":
-        header = _csv_header(path)
-        position = {name: index for index, name in reversed(list(enumerate(header)))}
-        _require_columns(source, path, set(position))
-        columns = "{" + ", ".join(f"'c{index}': 'VARCHAR'" for index in range(len(header))) + "}"
-        select = ", ".join(
-            f"c{position[name]} AS {quote_identifier(name)}"
-            if name in position
-            else f"NULL AS {quote_identifier(name)}"
-            for name in names
-        )
+        return kind, _csv_relation(connection, source, path)
+    if kind == "jsonl":
+        return kind, _jsonl_relation(connection, source, path)
+    literal = quote_literal(str(path))
+    names = [source.timestamp.column, *(column.name for column in source.columns)]
+    schema = connection.execute(f"SELECT * FROM read_parquet({literal}) LIMIT 0").description
+    present = {column[0] for column in schema}
+    _require_columns(source, path, present)
+    select = ", ".join(
+        f"CAST({quote_identifier(name)} AS VARCHAR) AS {quote_identifier(name)}"
+        if name in present
+        else f"NULL AS {quote_identifier(name)}"
+        for name in names
+    )
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE landed AS SELECT file_row_number + 1 AS line, "
+        f"{select}, NULL::VARCHAR AS {TEXT_COLUMN} FROM read_parquet({literal}, file_row_number = true)"
+    )
+    return kind, None
+
+
+def _csv_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path) -> _Lines:
+    names = [source.timestamp.column, *(column.name for column in source.columns)]
+    header = _csv_header(path)
+    position = {name: index for index, name in reversed(list(enumerate(header)))}
+    _require_columns(source, path, set(position))
+    blank = _blank_lines(path)  # also proves a gzip file complete before DuckDB reads it
+    columns = "{" + ", ".join(f"'c{index}': 'VARCHAR'" for index in range(len(header))) + "}"
+    select = ", ".join(
+        f"c{position[name]} AS {quote_identifier(name)}"
+        if name in position
+        else f"NULL AS {quote_identifier(name)}"
+        for name in names
+    )
+
+    def read(target: Path) -> None:
+        _clear_rejects(connection)
         connection.execute(
             "CREATE OR REPLACE TEMP TABLE landed AS SELECT row_number() OVER () + 1 AS line, "
-            f"{select}, NULL::VARCHAR AS {TEXT_COLUMN} FROM read_csv({literal}, columns = {columns}, header = true, "
-            "auto_detect = false, delim = ',', quote = '\"', escape = '\"', store_rejects = true)"
+            f"{select}, NULL::VARCHAR AS {TEXT_COLUMN} FROM read_csv({quote_literal(str(target))}, "
+            f"columns = {columns}, header = true, auto_detect = false, delim = ',', quote = '\"', "
+            "escape = '\"', store_rejects = true)"
         )
-    elif kind == "jsonl":
-        extracted = ", ".join(
-            f"CASE WHEN json_valid({TEXT_COLUMN}) THEN json_extract_string({TEXT_COLUMN}, "
-            f"{quote_literal('$.' + name)}) END AS {quote_identifier(name)}"
-            for name in names
+
+    read(path)
+    emptied: dict[int, str] = {}
+    if _records_span_lines(connection, names):
+        # a quote left open swallowed the lines after it: read again without the lines that open one
+        with tempfile.TemporaryDirectory(prefix="anomaly-ingest-") as directory:
+            copy, emptied = _without_unbalanced_lines(path, Path(directory))
+            if emptied:
+                read(copy)
+    return _Lines(header=1, skipped=sorted(set(blank) | set(emptied)), quarantined=emptied)
+
+
+def _records_span_lines(connection: duckdb.DuckDBPyConnection, names: list[str]) -> bool:
+    fields = ", ".join(f"coalesce({quote_identifier(name)}, '')" for name in names)
+    spanning = connection.execute(
+        "SELECT (SELECT count(*) FROM reject_errors WHERE contains(trim(csv_line, chr(13) || chr(10)), chr(10))) "
+        f"+ (SELECT count(*) FROM landed WHERE contains(concat({fields}), chr(10)))"
+    ).fetchone()[0]
+    return bool(spanning)
+
+
+def _jsonl_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path) -> _Lines:
+    literal = quote_literal(str(path))
+    names = [source.timestamp.column, *(column.name for column in source.columns)]
+    _check_json_start(path)
+    extracted = ", ".join(
+        f"CASE WHEN json_valid({TEXT_COLUMN}) THEN json_extract_string({TEXT_COLUMN}, "
+        f"{quote_literal('$.' + name)}) END AS {quote_identifier(name)}"
+        for name in names
+    )
+    _clear_rejects(connection)
+    # number every line first, then drop blank ones: they are not events, as in CSV
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE landed AS SELECT * FROM (SELECT row_number() OVER () AS line, "
+        f"{extracted}, {TEXT_COLUMN} FROM read_csv({literal}, columns = {{'{TEXT_COLUMN}': 'VARCHAR'}}, "
+        "header = false, delim = E'\\x01', quote = '', escape = '', auto_detect = false, strict_mode = false, "
+        f"store_rejects = true)) WHERE trim(coalesce({TEXT_COLUMN}, '')) <> ''"
+    )
+    required = [source.timestamp.column, *(column.name for column in source.columns if column.required)]
+    counts = connection.execute(
+        f"SELECT count(*), {', '.join(f'count(*) FILTER (WHERE json_exists({TEXT_COLUMN}, ?))' for _ in required)} "
+        f"FROM landed WHERE json_valid({TEXT_COLUMN}) AND json_type({TEXT_COLUMN}) = 'OBJECT'",
+        [f"$.{name}" for name in required],
+    ).fetchone()
+    missing = [name for name, count in zip(required, counts[1:], strict=True) if count == 0]
+    if counts[0] and missing:
+        raise LandingFileError(
+            f"{path}: missing required field(s) {missing} for source {source.name!r}: "
+            f"none of its {counts[0]} JSON objects has them"
         )
-        # number every line first, then drop blank ones: they are not events, as in CSV
-        connection.execute(
-            "CREATE OR REPLACE TEMP TABLE landed AS SELECT * FROM (SELECT row_number() OVER () AS line, "
-            f"{extracted}, {TEXT_COLUMN} FROM read_csv({literal}, columns = {{'{TEXT_COLUMN}': 'VARCHAR'}}, "
-            "header = false, delim = E'\\x01', quote = '', escape = '', auto_detect = false, strict_mode = false)) "
-            f"WHERE trim(coalesce({TEXT_COLUMN}, '')) <> ''"
-        )
-    else:
-        schema = connection.execute(f"SELECT * FROM read_parquet({literal}) LIMIT 0").description
-        _require_columns(source, path, {column[0] for column in schema})
-        present = {column[0] for column in schema}
-        select = ", ".join(
-            f"CAST({quote_identifier(name)} AS VARCHAR) AS {quote_identifier(name)}"
-            if name in present
-            else f"NULL AS {quote_identifier(name)}"
-            for name in names
-        )
-        connection.execute(
-            "CREATE OR REPLACE TEMP TABLE landed AS SELECT file_row_number + 1 AS line, "
-            f"{select}, NULL::VARCHAR AS {TEXT_COLUMN} FROM read_parquet({literal}, file_row_number = true)"
-        )
-    return kind
+    return _Lines(header=0, skipped=[], quarantined={})
+
+
+def _check_json_start(path: Path) -> None:
+    """Raise UnreadableFile when the first non-blank line is binary; reading it all verifies a gzip."""
+    with _open_binary(path) as handle:
+        first = b""
+        while not first.strip():
+            line = handle.readline(1 << 20)
+            if not line:
+                break
+            first = line
+        if _is_gzip(path):
+            while handle.read(_SCAN_CHUNK):
+                pass
+    if re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", first):
+        raise UnreadableFile("binary content where JSON lines were expected")
 
 
 def _csv_header(path: Path) -> list[str]:
     """Column names from the first line; raises UnreadableFile when it is not a text header."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with _open_binary(path) as handle:  # a corrupt gzip raises UnreadableFile here
+        first = handle.readline(1 << 20)
+        more = bool(first.strip()) or bool(handle.read(1))
     try:
-        with opener(path, "rb") as handle:
-            first = handle.readline(1 << 20)
         text = first.decode("utf-8-sig")
-    except (OSError, EOFError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
         raise UnreadableFile(f"cannot read a CSV header: {error}") from None
     if not text.strip():
-        raise UnreadableFile("empty file (no header line)")
+        raise UnreadableFile(
+            "blank first line where the CSV header was expected" if more else "empty file (no header line)"
+        )
     if any(ord(char) < 32 and char not in "\t\r\n" for char in text):
         raise UnreadableFile("binary content where a CSV header was expected")
     return [name.strip() for name in next(csv.reader([text]))]
@@ -160,22 +376,40 @@ def _require_columns(source: SourceConfig, path: Path, present: set[str]) -> Non
         )
 
 
+def _shown(expression: str) -> str:
+    """SQL: a value echoed in a reason, shortened and with control characters made visible."""
+    return (
+        f"regexp_replace(left({expression}, {SHOWN_MAX_CHARS}), {quote_literal(CONTROL_CHARACTERS)}, '?', 'g') "
+        f"|| CASE WHEN length({expression}) > {SHOWN_MAX_CHARS} THEN '…' ELSE '' END"
+    )
+
+
 def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
     """SELECT over ``landed`` giving typed columns plus ``reason`` (NULL for a good row)."""
     ts = quote_identifier(source.timestamp.column)
+    # an offset after a space (10:00:00 +02:00) is an offset too
+    offset_joined = rf"regexp_replace(trim({ts}), '\s+([+-]\d{{2}}(?::?\d{{2}})?)$', '\1')"
+    offset_hours = rf"regexp_extract(trim({ts}), ':\d{{2}}(?:\.\d+)?\s*([+-]\d{{2}})(?::?\d{{2}})*$', 1)"
     parsed = (
         f"timezone('UTC', coalesce(timezone({quote_literal(source.timestamp.timezone)}, "
         f"try_strptime(trim({ts}), {quote_literal(source.timestamp.format)})), "
-        f"try_cast(trim({ts}) AS TIMESTAMPTZ)))"
+        f"try_cast({offset_joined} AS TIMESTAMPTZ)))"
     )
+    bad_offset = f"coalesce(abs(try_cast(nullif({offset_hours}, '') AS INTEGER)) > {MAX_OFFSET_HOURS}, false)"
     earliest = quote_literal(source.start_date.isoformat())
     latest = quote_literal((datetime.now(UTC) + timedelta(days=2)).date().isoformat())
+    limit = source.max_field_length
     checks = [
         f"WHEN {TEXT_COLUMN} IS NOT NULL AND NOT json_valid({TEXT_COLUMN}) THEN 'malformed JSON'"
         if kind == "jsonl"
         else None,
+        f"WHEN {TEXT_COLUMN} IS NOT NULL AND json_type({TEXT_COLUMN}) <> 'OBJECT' THEN 'JSON line is not an object'"
+        if kind == "jsonl"
+        else None,
+        f"WHEN length({ts}) > {limit} THEN 'field {source.timestamp.column} longer than {limit} characters'",
         f"WHEN {ts} IS NULL OR trim({ts}) = '' THEN 'missing timestamp'",
-        f"WHEN ts_utc IS NULL THEN 'unparseable timestamp ' || {ts}",
+        f"WHEN bad_offset THEN 'timestamp offset beyond ±{MAX_OFFSET_HOURS}:00 ' || {_shown(ts)}",
+        f"WHEN ts_utc IS NULL THEN 'unparseable timestamp ' || {_shown(ts)}",
         f"WHEN ts_utc < {earliest}::TIMESTAMP OR ts_utc >= {latest}::TIMESTAMP "
         "THEN 'timestamp outside the source range ' || strftime(ts_utc, '%Y-%m-%d %H:%M:%S')",
     ]
@@ -184,8 +418,11 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
         name = quote_identifier(column.name)
         value = f"nullif(trim({name}), '')"
         checks.append(
-            f"WHEN length({name}) > {source.max_field_length} THEN "
-            f"'field {column.name} longer than {source.max_field_length} characters'"
+            f"WHEN length({name}) > {limit} THEN 'field {column.name} longer than {limit} characters'"
+        )
+        checks.append(
+            f"WHEN regexp_matches({name}, {quote_literal(CONTROL_CHARACTERS)}) "
+            f"THEN 'control characters in {column.name}'"
         )
         if column.required:
             checks.append(f"WHEN {value} IS NULL THEN 'missing {column.name}'")
@@ -210,11 +447,17 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
         + ", ".join(quote_identifier(n) for n in [source.timestamp.column, *(c.name for c in source.columns)])
         + ")"
     )
+    capped = (
+        f"CASE WHEN length({raw}) > {RAW_MAX_CHARS} THEN left({raw}, {RAW_MAX_CHARS}) || '… [' || "
+        f"(length({raw}) - {RAW_MAX_CHARS}) || ' more characters]' ELSE {raw} END"
+    )
     in_range = f"ts_utc >= {earliest}::TIMESTAMP AND ts_utc < {latest}::TIMESTAMP"
     return (
-        f"SELECT line, ts_utc AS timestamp, {', '.join(typed)}, {reason} AS reason, {raw} AS raw, "
+        f"SELECT line, ts_utc AS timestamp, {', '.join(typed)}, {reason} AS reason, {capped} AS raw, "
         f"{quote_literal(str(path))} AS source_file, CASE WHEN {in_range} THEN CAST(ts_utc AS DATE) END AS day "
-        f"FROM (SELECT *, {parsed} AS ts_utc FROM landed)"
+        # a value without a digit is no time (DuckDB's strptime reads 'infinity' and 'epoch' as 1900-01-01)
+        f"FROM (SELECT *, CASE WHEN NOT bad_offset AND regexp_matches({ts}, '\\d') THEN {parsed} END AS ts_utc "
+        f"FROM (SELECT *, {bad_offset} AS bad_offset FROM landed))"
     )
 
 
@@ -224,12 +467,12 @@ def load_file(
     """Type one file into temp table ``typed`` (with ``reason`` and ``day``).
 
     Returns whether the file could be read, and the quarantine rows that are not in ``typed``:
-    the CSV lines DuckDB rejected (wrong column count, bad quoting), or one row for the whole
-    file when it cannot be read at all.
+    the lines DuckDB rejected (wrong column count, bad quoting, not UTF-8), or one row for the
+    whole file when it cannot be read at all.
     """
     connection.execute(f"SET TimeZone = {quote_literal(source.timestamp.timezone)}")
     try:
-        kind = _text_relation(connection, source, path)
+        kind, lines = _text_relation(connection, source, path)
     except LandingFileError:
         raise
     except (duckdb.Error, UnreadableFile) as error:
@@ -238,10 +481,24 @@ def load_file(
         reason = f"unreadable file: {_first_line(error)}"
         return False, pd.DataFrame([{"source_file": str(path), "line": None, "reason": reason, "raw": None}])
     connection.execute(f"CREATE OR REPLACE TEMP TABLE typed AS {_typed_sql(source, path, kind)}")
-    if kind != "csv":
+    if lines is None:
         return True, pd.DataFrame(columns=QUARANTINE_COLUMNS)
-    _shift_lines_past_rejects(connection, path)
-    return True, _reject_quarantine(connection, path)
+    rejects = _rejects(connection)
+    _shift_lines(connection, lines.header, sorted({*lines.skipped, *rejects["covers"].explode().dropna()}))
+    rejects.insert(0, "source_file", str(path))
+    quarantined = pd.DataFrame(
+        {
+            "source_file": str(path),
+            "line": list(lines.quarantined),
+            "reason": UNTERMINATED_QUOTE,
+            "raw": list(lines.quarantined.values()),
+        },
+        columns=QUARANTINE_COLUMNS,
+    )
+    frames = [frame for frame in (rejects[QUARANTINE_COLUMNS], quarantined) if len(frame)]
+    if not frames:
+        return True, pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    return True, pd.concat(frames, ignore_index=True).sort_values("line", ignore_index=True)
 
 
 def _empty_typed(source: SourceConfig) -> str:
@@ -255,36 +512,45 @@ def _empty_typed(source: SourceConfig) -> str:
     )
 
 
-def _shift_lines_past_rejects(connection: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """Good rows were numbered among themselves; count the rejected and blank lines before each one back in.
+def _rejects(connection: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """DuckDB's rejected lines, one row each, with the physical lines each one covers.
 
-    DuckDB's CSV reader skips empty lines without a trace, so they are found with a one-column scan.
+    A record DuckDB still read across lines (a quote it saw open that the line scan did not) says
+    so in its reason, and the lines it swallowed are counted, so later lines keep their numbers.
     """
-    # The i-th rejected or blank line r_i (0-based i, 1 header line) precedes the o-th good row exactly
-    # when r_i - 1 - i <= o, so the good row's line is o + 1 + #{i : r_i - 1 - i <= o}.
-    blank = (
-        f"SELECT line FROM (SELECT row_number() OVER () AS line, {TEXT_COLUMN} FROM read_csv("
-        f"{quote_literal(str(path))}, columns = {{'{TEXT_COLUMN}': 'VARCHAR'}}, header = false, delim = E'\\x01', "
-        f"quote = '', escape = '', auto_detect = false, strict_mode = false)) WHERE {TEXT_COLUMN} IS NULL"
-    )
-    connection.execute(
-        "CREATE OR REPLACE TEMP TABLE reject_steps AS SELECT line - 1 - (row_number() OVER (ORDER BY line) - 1) "
-        f"AS step FROM (SELECT DISTINCT line FROM reject_errors UNION {blank})"
-    )
-    if connection.execute("SELECT count(*) FROM reject_steps").fetchone()[0]:
-        connection.execute(
-            "UPDATE typed SET line = line + (SELECT count(*) FROM reject_steps WHERE step <= typed.line - 1)"
-        )
-
-
-def _reject_quarantine(connection: duckdb.DuckDBPyConnection, path: Path) -> pd.DataFrame:
     rejects = connection.execute(
         "SELECT line, string_agg(DISTINCT error_type || ': ' || error_message, '; ') AS reason, "
-        "any_value(csv_line) AS raw FROM reject_errors GROUP BY line ORDER BY line"
+        "any_value(trim(csv_line, chr(13) || chr(10))) AS raw FROM reject_errors GROUP BY line ORDER BY line"
     ).df()
-    rejects.insert(0, "source_file", str(path))
     _clear_rejects(connection)
-    return rejects[QUARANTINE_COLUMNS]
+    spans = [raw.count("\n") + 1 if isinstance(raw, str) else 1 for raw in rejects["raw"]]
+    rejects["covers"] = [
+        list(range(int(line), int(line) + span)) for line, span in zip(rejects["line"], spans, strict=True)
+    ]
+    rejects["reason"] = [
+        reason if span == 1 else f"{reason} (the record runs over lines {line}-{line + span - 1})"
+        for reason, line, span in zip(rejects["reason"], rejects["line"], spans, strict=True)
+    ]
+    rejects["raw"] = [_cap(raw) if isinstance(raw, str) else raw for raw in rejects["raw"]]
+    return rejects
+
+
+def _shift_lines(connection: duckdb.DuckDBPyConnection, header: int, skipped: list[int]) -> None:
+    """Rows were numbered among themselves; count the skipped physical lines before each one back in.
+
+    ``skipped`` are the physical lines DuckDB produced no row for: rejected, blank (CSV) or
+    quarantined before reading. The i-th skipped line s_i (0-based i) precedes the o-th row
+    (1-based) exactly when s_i - header - i <= o, so that row's line is header + o + #{i: ...}.
+    """
+    if not skipped:
+        return
+    steps = [int(line) - header - index for index, line in enumerate(skipped)]
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE line_steps AS SELECT unnest(?::BIGINT[]) AS step", [steps]
+    )
+    connection.execute(
+        f"UPDATE typed SET line = line + (SELECT count(*) FROM line_steps WHERE step <= typed.line - {int(header)})"
+    )
 
 
 def _clear_rejects(connection: duckdb.DuckDBPyConnection) -> None:
@@ -295,6 +561,58 @@ def _clear_rejects(connection: duckdb.DuckDBPyConnection) -> None:
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0][:300]
+
+
+# --- where a file without valid events belongs ---------------------------------------------------
+
+
+def _readable_prefix_days(source: SourceConfig, path: Path) -> list[date]:
+    """Days of the valid events in the readable start of a truncated or corrupt gzip file."""
+    if not _is_gzip(path) or file_format(path) == "parquet":
+        return []
+    with tempfile.TemporaryDirectory(prefix="anomaly-prefix-") as directory:
+        prefix = Path(directory) / path.name[: -len(".gz")]
+        with open(path, "rb") as compressed, open(prefix, "wb") as out:
+            decompressor = zlib.decompressobj(wbits=47)  # gzip or zlib header
+            pending = b""
+            try:
+                while block := compressed.read(1 << 20):
+                    pending += decompressor.decompress(block)
+                    complete = pending.rfind(b"\n") + 1
+                    out.write(pending[:complete])
+                    pending = pending[complete:]
+                    if decompressor.eof:
+                        break
+            except zlib.error:
+                pass  # the readable prefix ends here
+        if not prefix.stat().st_size:
+            return []
+        connection = duckdb.connect()
+        try:
+            readable, _ = load_file(connection, source, prefix)
+            if not readable:
+                return []
+            rows = connection.execute(
+                "SELECT DISTINCT day FROM typed WHERE day IS NOT NULL ORDER BY 1"
+            ).fetchall()
+        except (duckdb.Error, LandingFileError):
+            return []
+        finally:
+            connection.close()
+    return [row[0] for row in rows]
+
+
+def _day_in_name(source: SourceConfig, path: Path) -> date | None:
+    """A date written in the file name (``2020-07-15`` or ``20200715``) within the source's range."""
+    latest = (datetime.now(UTC) + timedelta(days=2)).date()
+    for match in re.finditer(r"(?<!\d)(\d{4})-?(\d{2})-?(\d{2})(?!\d)", path.name):
+        try:
+            day = date(*(int(part) for part in match.groups()))
+        except ValueError:
+            continue
+        if source.start_date <= day < latest:
+            return day
+    return None
 
 
 # --- the landing index ---------------------------------------------------------------------------
@@ -332,19 +650,24 @@ class LandingIndex:
 def _index_file(
     connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path, size: int, mtime_ns: int
 ) -> LandingFile:
-    load_file(connection, source, path)
+    readable, _ = load_file(connection, source, path)
     days = [
         row[0].isoformat()
         for row in connection.execute(
             "SELECT DISTINCT day FROM typed WHERE day IS NOT NULL ORDER BY 1"
         ).fetchall()
     ]
-    modified = datetime.fromtimestamp(mtime_ns / 1e9, UTC).date().isoformat()
-    return LandingFile(str(path), size, mtime_ns, days, days[0] if days else modified)
+    if days:
+        return LandingFile(str(path), size, mtime_ns, days, days[0])
+    prefix = [] if readable else _readable_prefix_days(source, path)
+    home = prefix[0] if prefix else _day_in_name(source, path)
+    modified = datetime.fromtimestamp(mtime_ns / 1e9, UTC).date()
+    return LandingFile(str(path), size, mtime_ns, days, (home or modified).isoformat())
 
 
 def quarantine_day(entry: LandingFile) -> date:
-    """Where rows without a usable timestamp go: the file's first valid day, else its modification day."""
+    """Where rows without a usable timestamp go: the file's first valid day, else its home day
+    (the first day of a truncated gzip's readable prefix, a date in its name, or its modification day)."""
     return date.fromisoformat(entry.home_day)
 
 
@@ -375,7 +698,7 @@ def ingest_window(source: SourceConfig, entries: list[LandingFile], days: list[d
     connection.execute(f"CREATE TEMP TABLE events AS {_empty_typed(source)}")
     quarantine: dict[date, list[pd.DataFrame]] = {day: [] for day in days}
     files: dict[date, list[str]] = {day: [] for day in days}
-    for entry in entries:
+    for entry in sorted(entries, key=lambda entry: entry.path):
         touched = entry.touched_days & wanted
         if not touched:
             continue
@@ -397,14 +720,48 @@ def ingest_window(source: SourceConfig, entries: list[LandingFile], days: list[d
             "SELECT source_file, line, reason, raw, coalesce(day, ?::DATE) AS day FROM typed WHERE reason IS NOT NULL",
             [home],
         ).df()
-        for day, rows in bad.groupby(pd.to_datetime(bad["day"]).dt.date):
-            if day in wanted:
-                quarantine[day].append(rows[QUARANTINE_COLUMNS])
+        _add_by_day(quarantine, bad)
+    _add_by_day(quarantine, _take_replayed_events(connection, source))
     return IngestedWindow(
         connection,
         {day: _concat_quarantine(frames) for day, frames in quarantine.items()},
         files,
     )
+
+
+def _add_by_day(quarantine: dict[date, list[pd.DataFrame]], rows: pd.DataFrame) -> None:
+    for day, group in rows.groupby(pd.to_datetime(rows["day"]).dt.date):
+        if day in quarantine:
+            quarantine[day].append(group[QUARANTINE_COLUMNS])
+
+
+def _take_replayed_events(connection: duckdb.DuckDBPyConnection, source: SourceConfig) -> pd.DataFrame:
+    """Move events that repeat another file's events out of ``events``; returns their quarantine rows.
+
+    An event (timestamp and every column) held k times by one file and m times by an earlier one
+    (by path) keeps max(k, m) copies: identical events within a file are separate events, copies
+    across files are replays. The result does not depend on which file is read first.
+    """
+    key = ", ".join(
+        quote_identifier(name) for name in ["timestamp", *(column.name for column in source.columns)]
+    )
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE replayed AS SELECT row_id, source_file, line, raw, day, "
+        "'duplicate event: also in ' || first_file || ' line ' || first_line AS reason FROM ("
+        f"SELECT *, max(copies) OVER (PARTITION BY {key} ORDER BY source_file "
+        "GROUPS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before, "
+        f"first_value(source_file) OVER (PARTITION BY {key} ORDER BY source_file, line) AS first_file, "
+        f"first_value(line) OVER (PARTITION BY {key} ORDER BY source_file, line) AS first_line "
+        f"FROM (SELECT *, rowid AS row_id, row_number() OVER (PARTITION BY {key}, source_file ORDER BY line) AS copy, "
+        f"count(*) OVER (PARTITION BY {key}, source_file) AS copies FROM events)) "
+        "WHERE copy <= coalesce(before, 0)"
+    )
+    connection.execute("DELETE FROM events WHERE rowid IN (SELECT row_id FROM replayed)")
+    rows = connection.execute(
+        "SELECT source_file, line, reason, raw, day FROM replayed ORDER BY source_file, line"
+    ).df()
+    connection.execute("DROP TABLE replayed")
+    return rows
 
 
 def _concat_quarantine(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -418,6 +775,6 @@ def _concat_quarantine(frames: list[pd.DataFrame]) -> pd.DataFrame:
                 "raw": pd.Series(dtype="object"),
             }
         )
-    result = pd.concat(frames, ignore_index=True)
-    result["line"] = result["line"].astype("Int64")
+    types = {"source_file": "object", "line": "Int64", "reason": "object", "raw": "object"}
+    result = pd.concat([frame[QUARANTINE_COLUMNS].astype(types) for frame in frames], ignore_index=True)
     return result.sort_values(["source_file", "line"], ignore_index=True)

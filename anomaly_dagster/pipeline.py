@@ -173,7 +173,7 @@ def run_resample(context: StageContext, days: list[date]) -> list[AssetOutput]:
         for path in (warehouse.partition_file(source.name, "raw_events", day) for day in days)
         if path.exists()
     ]
-    with duckdb.connect() as connection:
+    with warehouse.reading(), duckdb.connect() as connection:  # no rename mid-read
         table = connection.execute(resample_sql(source, files, days)).df()
     table["bucket_start"] = table["bucket_start"].astype("datetime64[us]")
     for metric in source.metrics:
@@ -286,7 +286,7 @@ def _peak_samples(
     if not path.exists() or peaks.empty:
         return [None] * len(peaks)
     samples = []
-    with duckdb.connect() as connection:
+    with warehouse.reading(), duckdb.connect() as connection:
         for peak in peaks:
             rows = connection.execute(
                 f"SELECT * FROM read_parquet({quote_literal(str(path))}) WHERE timestamp >= ? AND timestamp < ? "

@@ -6,9 +6,28 @@ over its Parquet files and ``meta.lineage``: one row per asset partition describ
 materialization.
 
 Writers replace a partition file by atomic rename, so a reader sees the old or the new
-partition, never a half. Catalog updates are short transactions under an exclusive file lock,
-so there is one DuckDB writer at a time across processes; pipeline stages read Parquet
-directly and never open the catalog, so they never wait on it.
+partition, never a half, provided it reads each file through one open file. DuckDB (and
+pyarrow's dataset reader) open a Parquet file more than once per query, first for its metadata,
+then for its data, and a rename in between mixes two versions (wrong row counts, or "Invalid
+data" errors). So ``read_partitions`` reads every file through a single handle, and queries over
+the views (``query``, or any DuckDB read of partition files inside :meth:`Warehouse.reading`)
+hold a shared lock that the rename takes exclusively for an instant.
+
+Catalog updates are short transactions under an exclusive file lock, so there is one DuckDB
+writer at a time across processes; pipeline stages read Parquet directly and never open the
+catalog, so they never wait on it.
+
+Crashes and concurrent writers:
+
+- A process killed while writing leaves a hidden temporary file (``.part.parquet.tmp-…``) that no
+  reader's glob matches; the next write of that partition removes it (see ``storage``).
+- A process killed between the rename and the catalog commit leaves a partition newer than its
+  lineage row (or without one); a process killed inside the catalog transaction leaves the
+  catalog as it was (DuckDB only keeps committed transactions, replaying its WAL on the next
+  open). Re-running the stage repairs both; :meth:`Warehouse.audit` lists what is out of step.
+- Two writers of one partition: the last rename wins on disk, and ``record`` only writes the
+  lineage row of the writer whose file is on disk (a writer whose file was already replaced by
+  another's skips its row), so lineage always describes the file that is there.
 """
 
 from __future__ import annotations
@@ -16,8 +35,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -29,10 +49,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from anomaly_dagster.sql import parse_day, quote_identifier, quote_literal, validate_identifier
-from anomaly_dagster.storage import temporary_sibling
+from anomaly_dagster.storage import publish, remove_stale_temporaries, temporary_sibling
 
 CATALOG_FILE = "warehouse.duckdb"
 PART_FILE = "part.parquet"
+PARTITIONS_LOCK = ".partitions.lock"
 LOCK_TIMEOUT_SECONDS = 120.0
 
 LINEAGE_DDL = """
@@ -63,6 +84,8 @@ class WrittenPartition:
     row_count: int
     checksum: str
     upstream: list[tuple[str, date]] = field(default_factory=list)
+    # (inode, size, mtime_ns) of the file this writer put in place; None when unknown
+    identity: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,26 @@ class RunInfo:
 
     run_id: str
     code_version: str
+
+
+@dataclass
+class CatalogAudit:
+    """What is out of step between the partition files and ``meta.lineage`` (empty lists: consistent)."""
+
+    missing_files: list[tuple[str, str, str]] = field(default_factory=list)  # lineage rows without a file
+    checksum_mismatches: list[tuple[str, str, str]] = field(default_factory=list)  # file differs from lineage
+    unrecorded: list[Path] = field(default_factory=list)  # partition files without a lineage row
+    temporaries: list[Path] = field(default_factory=list)  # temporary files left by writers
+
+    @property
+    def consistent(self) -> bool:
+        """Lineage describes exactly the partition files on disk (temporary files are harmless)."""
+        return not (self.missing_files or self.checksum_mismatches or self.unrecorded)
+
+
+def file_identity(path: Path) -> tuple[int, int, int]:
+    stat = os.stat(path)
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def file_checksum(path: Path) -> str:
@@ -118,15 +161,15 @@ class Warehouse:
     ) -> WrittenPartition:
         """Replace one partition's Parquet file atomically; returns what to record in the catalog."""
         path = self.partition_file(source, asset, day)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_sibling(path)
-        try:
+
+        def write(tmp: Path) -> int:
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-            checksum = file_checksum(tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return WrittenPartition(source, asset, parse_day(day), path, len(frame), checksum, list(upstream))
+            return len(frame)
+
+        row_count, checksum, identity = self._replace_file(path, write)
+        return WrittenPartition(
+            source, asset, parse_day(day), path, row_count, checksum, list(upstream), identity
+        )
 
     def write_partition_query(
         self, source: str, asset: str, day: date, connection: duckdb.DuckDBPyConnection, sql: str
@@ -136,27 +179,64 @@ class Warehouse:
         Large tables (raw events) never pass through pandas this way.
         """
         path = self.partition_file(source, asset, day)
+
+        def write(tmp: Path) -> int:
+            connection.execute(f"COPY ({sql}) TO {quote_literal(str(tmp))} (FORMAT parquet)")
+            return pq.ParquetFile(tmp).metadata.num_rows
+
+        row_count, checksum, identity = self._replace_file(path, write)
+        return WrittenPartition(source, asset, parse_day(day), path, row_count, checksum, [], identity)
+
+    def _replace_file(
+        self, path: Path, write: Callable[[Path], int]
+    ) -> tuple[int, str, tuple[int, int, int]]:
+        """Write ``path`` through a temporary sibling; returns row count, checksum and the file's identity.
+
+        Temporary files of crashed writers of the same partition are removed first; the rename
+        waits for readers inside :meth:`reading`.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
         tmp = temporary_sibling(path)
         try:
-            connection.execute(f"COPY ({sql}) TO {quote_literal(str(tmp))} (FORMAT parquet)")
-            row_count = pq.ParquetFile(tmp).metadata.num_rows
+            row_count = write(tmp)
             checksum = file_checksum(tmp)
-            tmp.replace(path)
+            identity = file_identity(tmp)  # a rename keeps inode, size and mtime
+            with _file_lock(self.root / PARTITIONS_LOCK, fcntl.LOCK_EX):
+                publish(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        return WrittenPartition(source, asset, parse_day(day), path, row_count, checksum)
+        return row_count, checksum, identity
 
     def read_partitions(self, source: str, asset: str, days: Iterable[date]) -> pd.DataFrame:
-        """Rows of the given days that exist, in day order; an empty frame when none does."""
-        tables = [
-            pq.read_table(path)
-            for path in (self.partition_file(source, asset, day) for day in sorted(set(days)))
-            if path.exists()
-        ]
+        """Rows of the given days that exist, in day order; an empty frame when none does.
+
+        Each file is read through one open handle, so a concurrent replacement cannot mix versions.
+        """
+        tables = []
+        for day in sorted(set(days)):
+            path = self.partition_file(source, asset, day)
+            try:
+                with open(path, "rb") as handle:
+                    tables.append(pq.read_table(handle))
+            except FileNotFoundError:
+                continue
         if not tables:
             return pd.DataFrame()
         return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold off partition replacements while DuckDB reads partition files (a shared lock).
+
+        Wrap any DuckDB query over ``part.parquet`` files in it; :meth:`query` does so itself.
+        Writers hold the lock exclusively only for the rename, so readers never wait long.
+        """
+        if not self.root.is_dir():  # nothing to read, nothing to create
+            yield
+            return
+        with _file_lock(self.root / PARTITIONS_LOCK, fcntl.LOCK_SH):
+            yield
 
     def existing_days(self, source: str, asset: str) -> list[date]:
         directory = self.asset_dir(source, asset)
@@ -185,11 +265,16 @@ class Warehouse:
             finally:
                 connection.close()
 
-    def record(self, partitions: list[WrittenPartition], run: RunInfo) -> None:
-        """Refresh the views of the assets written and upsert their lineage rows, in one transaction."""
+    def record(self, partitions: list[WrittenPartition], run: RunInfo) -> list[WrittenPartition]:
+        """Refresh the views of the assets written and upsert their lineage rows, in one transaction.
+
+        A partition whose file another writer has replaced since (its identity changed) is skipped:
+        that writer records its own row. Returns the partitions whose rows were written.
+        """
         if not partitions:
-            return
+            return []
         now = datetime.now(UTC).replace(tzinfo=None)
+        recorded = []
         with self._catalog_writer() as connection:
             connection.execute("BEGIN TRANSACTION")
             connection.execute("CREATE SCHEMA IF NOT EXISTS meta")
@@ -197,6 +282,8 @@ class Warehouse:
             for source, asset in sorted({(part.source, part.asset) for part in partitions}):
                 self._refresh_view(connection, source, asset)
             for part in partitions:
+                if _superseded(part):
+                    continue
                 connection.execute(
                     "INSERT OR REPLACE INTO meta.lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
@@ -212,7 +299,9 @@ class Warehouse:
                         now,
                     ],
                 )
+                recorded.append(part)
             connection.execute("COMMIT")
+        return recorded
 
     def _refresh_view(self, connection: duckdb.DuckDBPyConnection, source: str, asset: str) -> None:
         pattern = str(self.asset_dir(source, asset) / "date=*" / PART_FILE)
@@ -226,9 +315,63 @@ class Warehouse:
         """Run a read-only query against the catalog (views and lineage)."""
         connection = _connect_with_retry(self.catalog_path, read_only=True)
         try:
-            return connection.execute(sql, parameters or []).df()
+            with self.reading():
+                return connection.execute(sql, parameters or []).df()
         finally:
             connection.close()
+
+    def audit(self, source: str | None = None) -> CatalogAudit:
+        """Compare ``meta.lineage`` with the partition files on disk (of one source, or all).
+
+        Meant for a quiet warehouse (after a crash, before or after a re-run): a stage running at
+        the same time shows up as files newer than their lineage rows until it records them.
+        """
+        sources = [validate_identifier(source, "source name")] if source else None
+        lineage = pd.DataFrame(columns=["source", "asset", "partition", "path", "checksum"])
+        if self.catalog_path.exists():
+            has_lineage = self.query(
+                "SELECT count(*) AS n FROM information_schema.tables "
+                "WHERE table_schema = 'meta' AND table_name = 'lineage'"
+            )["n"].iloc[0]
+            if has_lineage:
+                lineage = self.query("SELECT source, asset, partition, path, checksum FROM meta.lineage")
+        if sources is not None:
+            lineage = lineage[lineage["source"].isin(sources)]
+        audit = CatalogAudit()
+        recorded = set()
+        for row in lineage.itertuples(index=False):
+            path = Path(row.path)
+            recorded.add(path)
+            if not path.exists():
+                audit.missing_files.append((row.source, row.asset, row.partition))
+            elif file_checksum(path) != row.checksum:
+                audit.checksum_mismatches.append((row.source, row.asset, row.partition))
+        roots = [self.root / name for name in sources] if sources is not None else [self.root]
+        for root in roots:
+            pattern = f"*/*/date=*/{PART_FILE}" if sources is None else f"*/date=*/{PART_FILE}"
+            audit.unrecorded.extend(path for path in sorted(root.glob(pattern)) if path not in recorded)
+            audit.temporaries.extend(sorted(root.rglob(".*.tmp-*")))
+        return audit
+
+
+@contextmanager
+def _file_lock(path: Path, operation: int) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, operation)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _superseded(part: WrittenPartition) -> bool:
+    """Whether another writer has replaced (or removed) the file this writer put in place."""
+    if part.identity is None:
+        return False
+    try:
+        return file_identity(part.path) != part.identity
+    except FileNotFoundError:
+        return True
 
 
 def _upstream_versions(connection: duckdb.DuckDBPyConnection, part: WrittenPartition) -> list[dict[str, str]]:
