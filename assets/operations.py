@@ -15,12 +15,19 @@ from anomaly_dagster.warehouse import Warehouse
 from assets.factory import daily_partitions
 
 
+def _chain_selection(source: SourceConfig) -> dg.AssetSelection:
+    """The daily-partitioned chain: the group without the (unpartitioned) evaluation, if any."""
+    group = dg.AssetSelection.groups(source.name)
+    if source.labels is None:
+        return group
+    return group - dg.AssetSelection.assets([source.name, "evaluation"])
+
+
 def source_job(source: SourceConfig) -> dg.UnresolvedAssetJobDefinition:
     """The whole chain of one source for one partition (or a range, in one run)."""
     return dg.define_asset_job(
         name=f"{source.name}_pipeline",
-        selection=dg.AssetSelection.groups(source.name)
-        - dg.AssetSelection.assets([source.name, "evaluation"]),
+        selection=_chain_selection(source),
         description=f"Ingest, resample, train, score and report anomalies for {source.name}.",
     )
 

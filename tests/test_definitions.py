@@ -130,3 +130,15 @@ def test_dagster_dev_serves_the_location_on_loopback(tmp_path):
     assert "anomaly_dagster" not in "\n".join(line for line in text.splitlines() if "Warning" in line), text[
         -3000:
     ]
+
+
+def test_a_source_without_labels_has_no_evaluation_and_a_working_job(tmp_path):
+    from anomaly_dagster.config import load_sources
+    from anomaly_dagster.definitions import build_definitions
+
+    unlabelled = load_sources()["clickstream"].model_copy(update={"labels": None})
+    defs = build_definitions({"clickstream": unlabelled}, str(tmp_path), str(tmp_path / "warehouse"))
+    keys = {key.path[1] for key in defs.resolve_all_asset_keys()}
+    assert keys == ASSETS - {"evaluation"}
+    job = defs.resolve_job_def("clickstream_pipeline")
+    assert {key.path[1] for key in job.asset_layer.executable_asset_keys} == keys
