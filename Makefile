@@ -16,7 +16,7 @@ DEMO_DAYS := 14
 # one process for the whole chain (stages run in order anyway), INFO-level logs
 RUN_CONFIG := {"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
-.PHONY: setup demo test dev backfill lint clean
+.PHONY: setup demo test dev backfill lint clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required")'
@@ -39,7 +39,12 @@ demo: setup
 	$(BIN)/anomaly-dagster report clickstream --warehouse $(DEMO_DIR)/warehouse \
 		--labels $(DEMO_DIR)/labels/clickstream_labels.csv
 
-test: setup
+# Headless Chromium for tests/ui: Debian's package (Playwright never downloads a browser)
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
