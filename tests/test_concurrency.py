@@ -200,10 +200,13 @@ def test_readers_never_see_two_versions_of_a_partition_mixed(tmp_path: Path) -> 
     out, stop = tmp_path / "replacer.json", tmp_path / "stop"
     process = forkserver().Process(target=replacer, args=(str(warehouse.root), str(stop), str(out)))
     process.start()
-    deadline = time.time() + 60
-    while warehouse.read_partitions("clickstream", "resampled", [DAYS[0]])["writer"].iloc[0] == 7:
-        assert time.time() < deadline and process.is_alive(), "the replacer never started"
+    for _ in range(6000):  # up to ~60 s for the replacer's first write
+        if warehouse.read_partitions("clickstream", "resampled", [DAYS[0]])["writer"].iloc[0] != 7:
+            break
+        assert process.is_alive(), "the replacer died before its first write"
         time.sleep(0.01)
+    else:
+        raise AssertionError("the replacer never started")
     try:
         for _ in range(25):  # while the replacer keeps replacing
             view = warehouse.query(
