@@ -33,18 +33,34 @@ Differences from the AWS library, all deliberate: float64 boxes (not float32), e
 (no cache fraction), top-down insertion (the original paper's; same tree distribution as AWS's
 bottom-up one), no ``initialAcceptFraction`` and no ``outputAfter`` warm-up gate, and one SplitMix64
 stream per forest so the complete RNG state is a single saved integer.
+
+Speed: one ``update`` (score, then offer to the samplers) is one compiled call; its descent runs all
+trees in lockstep and records the paths, so the climbs read boxes at known addresses and prefetch them a
+few trees ahead. Batch ``score`` first copies each tree into depth-first tables (left child next to its
+parent, box range sums precomputed) and scores chunks of points tree by tree, in threads
+(:data:`NUM_THREADS`). The two sums per box (distance outside it, range sum) are explicit 4-lane SIMD
+with a fixed order, so all paths give bit-identical scores (streaming, small or large batches, any
+thread count); being a different order from a left-to-right sum, it moves scores by a few units in the
+last place at most. Insertion and deletion do not use it: the trees, and hence the samples, are exactly
+those of a plain sequential implementation.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from anomaly_dagster.detectors.base import Detector
 from anomaly_dagster.storage import atomic_write_bytes
@@ -65,8 +81,182 @@ _SHIFT27 = np.uint64(27)
 _SHIFT30 = np.uint64(30)
 _SHIFT31 = np.uint64(31)
 _TWO_POW_MINUS_53 = 1.0 / 9007199254740992.0
-# Let LLVM reorder sums (to vectorise box loops) but keep inf/NaN semantics: shadow boxes start at +-inf.
-_FASTMATH = {"reassoc", "nsz", "contract"}
+
+# Batch scoring: points per chunk (a chunk's rows and one tree's tables stay in L2 together), the fewest
+# points worth building the depth-first tables for, and the fewest points per thread.
+_CHUNK = 2048
+_TABLE_MIN_POINTS = 1024
+_THREAD_MIN_POINTS = 4096
+# Streaming scoring prefetches the leaf's and the lowest _PREFETCH_LEVELS ancestors' boxes on the path of the
+# tree _PREFETCH_AHEAD trees ahead: those are the boxes its climb reads, and with 100 trees of 24-dim boxes
+# (20 MB) they come from L3 or memory.
+_PREFETCH_AHEAD = 2
+_PREFETCH_LEVELS = 8
+
+#: Threads for batch ``score``/``attribution`` (None: every CPU this process may run on). Python threads
+#: over ``nogil`` kernels rather than numba ``parallel=True``: no OpenMP runtime, so the forest stays safe
+#: to use in forked processes, and per-point results do not depend on the thread count.
+NUM_THREADS: int | None = None
+
+
+# -------------------------------------------------------------------------------------- SIMD box sums
+# The two sums every score step needs, over a box (rows ``lo``, ``hi``) and a point ``x``: the L1 distance
+# of ``x`` outside the box, sum(max(lo - x, x - hi, 0)), and the box's range sum, sum(hi - lo). They are
+# written as LLVM IR with <4 x double> lanes so that the summation order is fixed by us: lane l adds
+# elements l, l+4, l+8, ... in order and the result is (l0 + l1) + (l2 + l3); the last partial block is a
+# masked load (missing lanes add 0, which changes nothing). Plain loops would need ``fastmath`` reassociation
+# to vectorise, and then LLVM picks the order per call site: streaming, small and large batches would
+# differ in the last bits. With fixed lanes they agree exactly, and precomputed range sums are reusable.
+
+_V4 = ir.VectorType(ir.DoubleType(), 4)
+_I32 = ir.IntType(32)
+
+
+def _is_row(ty: types.Type) -> bool:
+    return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype == types.float64
+
+
+def _intrinsic_function(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Function:
+    existing = builder.module.globals.get(name)
+    return existing if existing is not None else ir.Function(builder.module, fnty, name)
+
+
+def _emit_box_sums(context, builder, x, lo, hi):
+    """IR for the lane sums described above; ``x`` None skips the distance. Returns (gap, span) values."""
+    lo, hi = (context.make_array(ty)(context, builder, value) for ty, value in (lo, hi))
+    xs = None if x is None else context.make_array(x[0])(context, builder, x[1])
+    n = builder.extract_value(lo.shape, 0)
+    i64 = n.type
+    zero = ir.Constant(_V4, [0.0] * 4)
+    vector_ptr = _V4.as_pointer()
+    blocks = builder.lshr(n, ir.Constant(i64, 2))
+
+    def lane_step(gap, span, lov, hiv, xv):
+        if xv is not None:
+            below, above = builder.fsub(lov, xv), builder.fsub(xv, hiv)
+            out = builder.select(builder.fcmp_ordered(">", below, above), below, above)
+            gap = builder.fadd(gap, builder.select(builder.fcmp_ordered(">", out, zero), out, zero))
+        return gap, builder.fadd(span, builder.fsub(hiv, lov))
+
+    start = builder.block
+    head = builder.append_basic_block("box_sums.head")
+    body = builder.append_basic_block("box_sums.body")
+    done = builder.append_basic_block("box_sums.done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    index, gap, span = builder.phi(i64), builder.phi(_V4), builder.phi(_V4)
+    for phi, value in ((index, ir.Constant(i64, 0)), (gap, zero), (span, zero)):
+        phi.add_incoming(value, start)
+    builder.cbranch(builder.icmp_unsigned("<", index, blocks), body, done)
+    builder.position_at_end(body)
+
+    def load_block(array):
+        return builder.load(builder.gep(builder.bitcast(array.data, vector_ptr), [index]), align=8)
+
+    next_gap, next_span = lane_step(
+        gap, span, load_block(lo), load_block(hi), None if xs is None else load_block(xs)
+    )
+    index.add_incoming(builder.add(index, ir.Constant(i64, 1)), builder.block)
+    gap.add_incoming(next_gap, builder.block)
+    span.add_incoming(next_span, builder.block)
+    builder.branch(head)
+    builder.position_at_end(done)
+
+    # The last n % 4 elements, if any, as one masked block: the missing lanes load as 0 and add 0.
+    base = builder.shl(blocks, ir.Constant(i64, 2))
+    left = builder.sub(n, base)
+    full = builder.block
+    tail = builder.append_basic_block("box_sums.tail")
+    end = builder.append_basic_block("box_sums.end")
+    builder.cbranch(builder.icmp_unsigned("!=", left, ir.Constant(i64, 0)), tail, end)
+    builder.position_at_end(tail)
+    rest = builder.insert_element(ir.Constant(ir.VectorType(i64, 4), None), left, ir.Constant(_I32, 0))
+    rest = builder.shuffle_vector(rest, rest, ir.Constant(ir.VectorType(_I32, 4), [0, 0, 0, 0]))
+    mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i64, 4), [0, 1, 2, 3]), rest)
+    masked_load = _intrinsic_function(
+        builder, "llvm.masked.load.v4f64.p0", ir.FunctionType(_V4, [vector_ptr, _I32, mask.type, _V4])
+    )
+
+    def load_tail(array):
+        pointer = builder.bitcast(builder.gep(array.data, [base]), vector_ptr)
+        return builder.call(masked_load, [pointer, ir.Constant(_I32, 8), mask, zero])
+
+    tail_gap, tail_span = lane_step(
+        gap, span, load_tail(lo), load_tail(hi), None if xs is None else load_tail(xs)
+    )
+    builder.branch(end)
+    builder.position_at_end(end)
+    gap_in, span_in = builder.phi(_V4), builder.phi(_V4)
+    for phi, before, after in ((gap_in, gap, tail_gap), (span_in, span, tail_span)):
+        phi.add_incoming(before, full)
+        phi.add_incoming(after, tail)
+    gap, span = gap_in, span_in
+
+    def lanes_sum(vector):
+        lane = [builder.extract_element(vector, ir.Constant(_I32, k)) for k in range(4)]
+        return builder.fadd(builder.fadd(lane[0], lane[1]), builder.fadd(lane[2], lane[3]))
+
+    return lanes_sum(gap), lanes_sum(span)
+
+
+@intrinsic
+def _gap_span(typingctx, x, lo, hi):
+    """(distance of ``x`` outside the box ``lo``..``hi``, the box's range sum); rows of equal length."""
+    if not (_is_row(x) and _is_row(lo) and _is_row(hi)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_, lo_, hi_ = zip(signature.args, args, strict=True)
+        gap, span = _emit_box_sums(context, builder, x_, lo_, hi_)
+        return context.make_tuple(builder, signature.return_type, (gap, span))
+
+    return types.UniTuple(types.float64, 2)(x, lo, hi), codegen
+
+
+@intrinsic
+def _gap(typingctx, x, lo, hi):
+    """The first half of :func:`_gap_span` (bit for bit)."""
+    if not (_is_row(x) and _is_row(lo) and _is_row(hi)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x_, lo_, hi_ = zip(signature.args, args, strict=True)
+        return _emit_box_sums(context, builder, x_, lo_, hi_)[0]
+
+    return types.float64(x, lo, hi), codegen
+
+
+@intrinsic
+def _span(typingctx, lo, hi):
+    """The second half of :func:`_gap_span` (bit for bit)."""
+    if not (_is_row(lo) and _is_row(hi)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lo_, hi_ = zip(signature.args, args, strict=True)
+        return _emit_box_sums(context, builder, None, lo_, hi_)[1]
+
+    return types.float64(lo, hi), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Hint the CPU to fetch the cache line holding flat element ``index`` of ``array`` (never faults)."""
+    if not (isinstance(array, types.Array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        byte_ptr = ir.IntType(8).as_pointer()
+        prefetch = _intrinsic_function(
+            builder, "llvm.prefetch.p0", ir.FunctionType(ir.VoidType(), [byte_ptr, _I32, _I32, _I32])
+        )
+        pointer = builder.bitcast(builder.gep(data, [offset]), byte_ptr)  # read, keep in all caches, data
+        builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -74,6 +264,8 @@ _FASTMATH = {"reassoc", "nsz", "contract"}
 #   root[t]; links[t, i] = (cut dim or -1 for a leaf, left, right, parent); cut_val[t, i]; mass[t, i];
 #   box[t, i] = (min row, max row) of the points below (a leaf's box is its point); free[t] a stack of
 #   n_free[t] unused slots. A node's fields sit together so a step down or up touches few cache lines.
+# Every score, streaming or batch, runs the same arithmetic in the same order (no fastmath anywhere), so
+# ``update`` returns exactly what ``score`` gives for the same point and forest.
 
 
 @njit(cache=True, nogil=True)
@@ -87,15 +279,23 @@ def _uniform(rng):
     return (float(z >> _SHIFT11) + 0.5) * _TWO_POW_MINUS_53
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _outside(x, box):
-    """L1 distance of ``x`` outside ``box`` (2, d) and the box's range sum; branch-free so it vectorises."""
-    gap = 0.0
-    span = 0.0
-    for i in range(x.shape[0]):
-        gap += max(box[0, i] - x[i], 0.0) + max(x[i] - box[1, i], 0.0)
-        span += box[1, i] - box[0, i]
-    return gap, span
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _leaf_score(x, point, depth, leaf_mass, tree_mass):
+    """Start of the AWS climb at the leaf (holding ``point``) that ``x`` reached at ``depth``: the seen
+    score if the leaf holds ``x`` (then the climb is over: ``x`` lies in every box above), else the unseen
+    ``1 / (depth + 1)``. Returns (score, seen)."""
+    for d in range(x.shape[0]):
+        if x[d] != point[d]:
+            return 1.0 / (depth + 1.0), False
+    return (1.0 - leaf_mass / (2.0 * tree_mass)) / (depth + np.log2(leaf_mass + 1.0)), True
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _mix(score, gap, span, depth):
+    """One AWS step up to an ancestor at ``depth`` whose box (range sum ``span``) ``x`` is ``gap`` outside:
+    a random cut of the grown box separates ``x`` with probability ``p = gap / (span + gap)``."""
+    p = gap / (span + gap)
+    return p / (depth + 1.0) + (1.0 - p) * score
 
 
 @njit(cache=True, nogil=True)
@@ -127,10 +327,149 @@ def _descend_points(points, root, links, cut_val, leaf, depth, rows, at):
         level += 1
 
 
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _climb_score(x, leaf, depth, links, mass, box, tree_mass):
+    """AWS score of ``x`` in one tree (its rows of the forest arrays) given the leaf it reached at
+    ``depth``, climbing parent links: see the module docstring."""
+    score, seen = _leaf_score(x, box[leaf, 0], depth, mass[leaf], tree_mass)
+    if not seen:
+        i = links[leaf, _PARENT]
+        while i >= 0:
+            depth -= 1
+            gap, span = _gap_span(x, box[i, 0], box[i, 1])
+            if gap == 0.0:
+                break  # x is inside this box, hence inside every box above it
+            score = _mix(score, gap, span, depth)
+            i = links[i, _PARENT]
+    return score * np.log2(tree_mass + 1.0)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _score_rows(points, tree, out):
+    """Add every non-empty tree's score of each point to ``out``, straight on the forest arrays (for
+    batches too small to pay for :func:`_fill_tables`); trees outer so one tree's arrays stay in cache."""
+    root, links, cut_val, mass, box = tree[:5]
+    n = points.shape[0]
+    leaf = np.empty(n, np.int32)
+    depth = np.empty(n, np.int32)
+    rows = np.empty(n, np.int32)
+    at = np.empty(n, np.int32)
+    for t in range(root.shape[0]):
+        if root[t] >= 0:
+            _descend_points(points, root[t], links[t], cut_val[t], leaf, depth, rows, at)
+            links_t, mass_t, box_t, tree_mass = links[t], mass[t], box[t], mass[t, root[t]]
+            for j in range(n):
+                out[j] += _climb_score(points[j], leaf[j], depth[j], links_t, mass_t, box_t, tree_mass)
+
+
+# Large batches first copy each tree into depth-first "tables": node k's left child is k + 1, so a step
+# down reads one small record (cut value, cut dimension, right child); parents, masses, boxes and the boxes'
+# range sums (computed once per node instead of once per visit) sit in the same order. Building them costs
+# about as much as scoring a few hundred points.
+
+
+def _new_tables(trees: int, nodes: int, dims: int) -> tuple[np.ndarray, ...]:
+    return (
+        np.empty((trees, nodes)),  # cut value
+        np.empty((trees, nodes, 2), np.int32),  # (cut dimension or -1 for a leaf, right child)
+        np.empty((trees, nodes, 2, dims)),  # box
+        np.empty((trees, nodes)),  # box range sum
+        np.empty((trees, nodes), np.int32),  # parent (-1 at the root, slot 0)
+        np.empty((trees, nodes), np.int32),  # mass
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _fill_tables(tree, tables, first, last):
+    """Copy the non-empty trees ``first``..``last - 1`` into ``tables`` in depth-first preorder."""
+    root, links, cut_val, mass, box = tree[:5]
+    cuts, kids, boxes, spans, ups, masses = tables
+    stack = np.empty((links.shape[1] + 1, 3), np.int32)  # (node, parent slot, 1 if it is a right child)
+    for t in range(first, last):
+        if root[t] < 0:
+            continue
+        stack[0, 0], stack[0, 1], stack[0, 2] = root[t], -1, 0
+        top, k = 1, 0
+        while top:
+            top -= 1
+            i, up, right = stack[top, 0], stack[top, 1], stack[top, 2]
+            if right:
+                kids[t, up, 1] = k
+            dim = links[t, i, _DIM]
+            kids[t, k, 0] = dim
+            cuts[t, k] = cut_val[t, i]
+            ups[t, k] = up
+            masses[t, k] = mass[t, i]
+            boxes[t, k] = box[t, i]
+            spans[t, k] = _span(box[t, i, 0], box[t, i, 1])
+            if dim >= 0:
+                stack[top, 0], stack[top, 1], stack[top, 2] = links[t, i, _LEFT + 1], k, 1
+                stack[top + 1, 0], stack[top + 1, 1], stack[top + 1, 2] = links[t, i, _LEFT], k, 0
+                top += 2
+            k += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _descend_table(points, cuts, kids, leaf, depth, rows, at):
+    """:func:`_descend_points` on one tree's tables."""
+    active = points.shape[0]
+    for j in range(active):
+        rows[j] = j
+        at[j] = 0
+    level = 0
+    while active:
+        kept = 0
+        for a in range(active):
+            j, k = rows[a], at[a]
+            dim, right = kids[k, 0], kids[k, 1]  # both loads up front: a select, not a 50/50 branch
+            if dim >= 0:
+                rows[kept] = j
+                at[kept] = right if points[j, dim] > cuts[k] else k + 1
+                kept += 1
+            else:
+                leaf[j] = k
+                depth[j] = level
+        active = kept
+        level += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _score_table_rows(points, root, tables, out):
+    """:func:`_score_rows` on the tables (same arithmetic, same result), ``_CHUNK`` points at a time."""
+    cuts, kids, boxes, spans, ups, masses = tables
+    n = points.shape[0]
+    leaf = np.empty(_CHUNK, np.int32)
+    depth = np.empty(_CHUNK, np.int32)
+    rows = np.empty(_CHUNK, np.int32)
+    at = np.empty(_CHUNK, np.int32)
+    for start in range(0, n, _CHUNK):
+        chunk = points[start : min(n, start + _CHUNK)]
+        for t in range(root.shape[0]):
+            if root[t] < 0:
+                continue
+            _descend_table(chunk, cuts[t], kids[t], leaf, depth, rows, at)
+            box_t, span_t, up_t, mass_t = boxes[t], spans[t], ups[t], masses[t]
+            tree_mass = mass_t[0]
+            norm = np.log2(tree_mass + 1.0)
+            for j in range(chunk.shape[0]):
+                x, i, level = chunk[j], leaf[j], depth[j]
+                score, seen = _leaf_score(x, box_t[i, 0], level, mass_t[i], tree_mass)
+                if not seen:
+                    i = up_t[i]
+                    while i >= 0:
+                        level -= 1
+                        gap = _gap(x, box_t[i, 0], box_t[i, 1])
+                        if gap == 0.0:
+                            break
+                        score = _mix(score, gap, span_t[i], level)
+                        i = up_t[i]
+                out[start + j] += score * norm
+
+
 @njit(cache=True, nogil=True)
-def _descend_trees(x, tree, leaf, depth, trees, at):
-    """Send one point down every non-empty tree in lockstep (same reason as :func:`_descend_points`);
-    writes ``leaf[t]`` and ``depth[t]`` and returns how many trees are non-empty."""
+def _descend_trees(x, tree, path, depth, trees, at):
+    """Send one point down every non-empty tree in lockstep (same reason as :func:`_descend_points`),
+    recording each tree's path: ``path[k, t]`` is tree t's node at depth k and ``depth[t]`` its leaf's."""
     root, links, cut_val = tree[:3]
     active = 0
     for t in range(root.shape[0]):
@@ -138,62 +477,74 @@ def _descend_trees(x, tree, leaf, depth, trees, at):
             trees[active] = t
             at[active] = root[t]
             active += 1
-    used = active
     level = 0
     while active:
         kept = 0
         for a in range(active):
             t, i = trees[a], at[a]
+            path[level, t] = i
             dim = links[t, i, _DIM]
             if dim >= 0:
                 trees[kept] = t
                 at[kept] = links[t, i, _LEFT + np.int64(x[dim] > cut_val[t, i])]
                 kept += 1
             else:
-                leaf[t] = i
                 depth[t] = level
         active = kept
         level += 1
-    return used
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _climb_score(x, leaf, depth, links, mass, box, tree_mass):
-    """AWS score of ``x`` in one tree (its rows of the forest arrays) given the leaf it reached at
-    ``depth``: see the module docstring. Per-tree views keep the hot loop's indexing cheap."""
-    gap, _ = _outside(x, box[leaf])
-    if gap == 0.0:
-        leaf_mass = mass[leaf]
-        score = (1.0 - leaf_mass / (2.0 * tree_mass)) / (depth + np.log2(leaf_mass + 1.0))
-    else:
-        score = 1.0 / (depth + 1.0)
-        i = links[leaf, _PARENT]
-        while i >= 0:
-            depth -= 1
-            gap, span = _outside(x, box[i])
-            if gap == 0.0:
-                break  # x is inside this box, hence inside every box above it
-            p = gap / (span + gap)
-            score = p / (depth + 1.0) + (1.0 - p) * score
-            i = links[i, _PARENT]
-    return score * np.log2(tree_mass + 1.0)
+@njit(cache=True, nogil=True, error_model="numpy")
+def _score_point(x, tree, scratch):
+    """Sum over non-empty trees of the AWS score of one point (the streaming path): lockstep descent, then
+    each tree's climb over its recorded path, prefetching the boxes a few trees ahead will need."""
+    root, _, _, mass, box = tree[:5]
+    path, depth, trees, at = scratch
+    _descend_trees(x, tree, path, depth, trees, at)
+    count = root.shape[0]
+    node_size = box.shape[2] * box.shape[3]
+    tree_size = box.shape[1] * node_size
+    total = 0.0
+    for t in range(count):
+        ahead = t + _PREFETCH_AHEAD
+        if ahead < count and root[ahead] >= 0:
+            for k in range(max(depth[ahead] - _PREFETCH_LEVELS, 0), depth[ahead] + 1):
+                first = ahead * tree_size + path[k, ahead] * node_size
+                for offset in range(0, node_size, 8):
+                    _prefetch(box, first + offset)
+                _prefetch(box, first + node_size - 1)
+        if root[t] < 0:
+            continue
+        level = depth[t]
+        i = path[level, t]
+        tree_mass = mass[t, root[t]]
+        score, seen = _leaf_score(x, box[t, i, 0], level, mass[t, i], tree_mass)
+        if not seen:
+            for k in range(level - 1, -1, -1):
+                i = path[k, t]
+                gap, span = _gap_span(x, box[t, i, 0], box[t, i, 1])
+                if gap == 0.0:
+                    break
+                score = _mix(score, gap, span, k)
+        total += score * np.log2(tree_mass + 1.0)
+    return total
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _mix_box(x, box, node_score, cur):
-    """One upward step of the DiVector recursion; False once ``x`` lies inside ``box`` (nothing changes)."""
-    gap, span = _outside(x, box)
+@njit(cache=True, nogil=True, error_model="numpy")
+def _mix_box(x, lo, hi, node_score, cur):
+    """One upward step of the DiVector recursion; False once ``x`` lies inside the box (nothing changes)."""
+    gap, span = _gap_span(x, lo, hi)
     if gap <= 0.0:
         return False
     span += gap
     keep = 1.0 - gap / span
     for i in range(x.shape[0]):
-        cur[i, 0] = max(box[0, i] - x[i], 0.0) / span * node_score + keep * cur[i, 0]
-        cur[i, 1] = max(x[i] - box[1, i], 0.0) / span * node_score + keep * cur[i, 1]
+        cur[i, 0] = max(lo[i] - x[i], 0.0) / span * node_score + keep * cur[i, 0]
+        cur[i, 1] = max(x[i] - hi[i], 0.0) / span * node_score + keep * cur[i, 1]
     return True
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _tree_attribution(t, x, tree, path, shadow, cur, out):
     """Add tree ``t``'s AWS DiVector for ``x`` to ``out`` (d, 2); ``path``, ``shadow``, ``cur`` are scratch."""
     root, links, cut_val, mass, box = tree[:5]
@@ -216,7 +567,7 @@ def _tree_attribution(t, x, tree, path, shadow, cur, out):
         saved = 1.0 / (depth + 1.0)
         cur *= saved / total
         for k in range(depth - 1, -1, -1):
-            if not _mix_box(x, box[t, path[k]], 1.0 / (k + 1.0), cur):
+            if not _mix_box(x, box[t, path[k], 0], box[t, path[k], 1], 1.0 / (k + 1.0), cur):
                 break
     else:
         # Duplicate: directions come from the sibling boxes ("what if this leaf were absent"), and the
@@ -231,7 +582,7 @@ def _tree_attribution(t, x, tree, path, shadow, cur, out):
             for d in range(dims):
                 shadow[0, d] = min(shadow[0, d], box[t, sibling, 0, d])
                 shadow[1, d] = max(shadow[1, d], box[t, sibling, 1, d])
-            if not _mix_box(x, shadow, 1.0 / (k + 1.0), cur):
+            if not _mix_box(x, shadow[0], shadow[1], 1.0 / (k + 1.0), cur):
                 break
         cur *= saved / cur.sum()
     out += cur * np.log2(tree_mass + 1.0)
@@ -259,7 +610,18 @@ def _insert(t, x, tree, rng):
     i = root[t]
     dim = -1
     cut = 0.0
+    node_size = 2 * dims
     while i >= 0:
+        if links[t, i, _DIM] >= 0:
+            # Fetch both children while this level's arithmetic runs: the insert may go on into either.
+            for side in range(2):
+                kid = t * links.shape[1] + links[t, i, _LEFT + side]
+                for offset in range(0, node_size, 8):
+                    _prefetch(box, kid * node_size + offset)
+                _prefetch(box, kid * node_size + node_size - 1)
+                _prefetch(links, kid * 4)
+                _prefetch(cut_val, kid)
+                _prefetch(mass, kid)
         total = 0.0
         for d in range(dims):
             total += max(box[t, i, 1, d], x[d]) - min(box[t, i, 0, d], x[d])
@@ -400,8 +762,8 @@ def _offer(x, counters, tree, sampler, rng, time_decay):
             _sift_down(t, heap_w, heap_leaf, size)
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _update(raw, shingle, counters, tree, sampler, rng, time_decay):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _update(raw, shingle, counters, tree, sampler, rng, time_decay, scratch):
     """Shift ``raw`` into the shingle; once it is full, score it, then offer it to the samplers."""
     width = raw.shape[0]
     dims = shingle.shape[0]
@@ -414,15 +776,11 @@ def _update(raw, shingle, counters, tree, sampler, rng, time_decay):
     counters[1] += 1
     if counters[1] < dims // width:
         return 0.0
-    root, links, _, mass, box = tree[:5]
-    trees = root.shape[0]
-    leaf = np.empty(trees, np.int32)
-    depth = np.empty(trees, np.int32)
-    used = _descend_trees(shingle, tree, leaf, depth, np.empty(trees, np.int32), np.empty(trees, np.int32))
-    score = 0.0
-    for t in range(trees):
-        if root[t] >= 0:
-            score += _climb_score(shingle, leaf[t], depth[t], links[t], mass[t], box[t], mass[t, root[t]])
+    root = tree[0]
+    used = 0
+    for t in range(root.shape[0]):
+        used += root[t] >= 0
+    score = _score_point(shingle, tree, scratch) if used else 0.0
     _offer(shingle, counters, tree, sampler, rng, time_decay)
     return score / used if used else 0.0
 
@@ -433,42 +791,39 @@ def _fit_rows(points, counters, tree, sampler, rng, time_decay):
         _offer(points[j], counters, tree, sampler, rng, time_decay)
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _score_rows(points, tree):
-    """Mean tree scores of many points; trees in the outer loop so one tree's arrays stay in cache."""
-    root, links, cut_val, mass, box = tree[:5]
-    n = points.shape[0]
-    out = np.zeros(n)
-    leaf = np.empty(n, np.int32)
-    depth = np.empty(n, np.int32)
-    rows = np.empty(n, np.int32)
-    at = np.empty(n, np.int32)
-    used = 0
-    for t in range(root.shape[0]):
-        if root[t] >= 0:
-            used += 1
-            _descend_points(points, root[t], links[t], cut_val[t], leaf, depth, rows, at)
-            links_t, mass_t, box_t, tree_mass = links[t], mass[t], box[t], mass[t, root[t]]
-            for j in range(n):
-                out[j] += _climb_score(points[j], leaf[j], depth[j], links_t, mass_t, box_t, tree_mass)
-    return out / used if used else out
-
-
-@njit(cache=True, nogil=True)
-def _attribute_rows(points, tree):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _attribute_rows(points, tree, out):
+    """Add every non-empty tree's DiVector of each point to ``out`` (n, d, 2)."""
     root = tree[0]
-    n, dims = points.shape
-    out = np.zeros((n, dims, 2))
+    dims = points.shape[1]
     path = np.empty(tree[1].shape[1], np.int32)
     shadow = np.empty((2, dims))
     cur = np.empty((dims, 2))
-    used = 0
     for t in range(root.shape[0]):
         if root[t] >= 0:
-            used += 1
-            for j in range(n):
+            for j in range(points.shape[0]):
                 _tree_attribution(t, points[j], tree, path, shadow, cur, out[j])
-    return out / used if used else out
+
+
+def _threads(points: int) -> int:
+    """Threads for a batch of ``points``: :data:`NUM_THREADS` (default: every usable CPU), at most one per
+    ``_THREAD_MIN_POINTS`` points."""
+    wanted = NUM_THREADS
+    if wanted is None:
+        wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(int(wanted), points // _THREAD_MIN_POINTS))
+
+
+def _in_threads(work: Callable[[int, int], object], count: int, threads: int) -> None:
+    """Run ``work(start, stop)`` over ``threads`` contiguous parts of ``range(count)``, in parallel (the
+    kernels release the GIL). A fresh pool per call: a process forked later inherits no dead pool."""
+    bounds = np.linspace(0, count, threads + 1).astype(int)
+    if threads == 1:
+        work(0, count)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(work, a, b) for a, b in itertools.pairwise(bounds)]:
+            future.result()
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -522,7 +877,7 @@ class RandomCutForest:
         rows = self._rows(X, allow_new_dims=True)
         self._reset(rows.shape[1])
         points, _ = self._shingles(rows, None)
-        shingle, counters, tree, sampler, rng, decay = self._stream
+        shingle, counters, tree, sampler, rng, decay, _ = self._stream
         _fit_rows(points, counters, tree, sampler, rng, decay)
         tail = rows[-self.shingle_size :].ravel()
         shingle[:] = 0.0
@@ -541,7 +896,7 @@ class RandomCutForest:
         if self.raw_dims is None:
             return out
         points, first = self._shingles(rows, history)
-        out[first:] = _score_rows(points, self._tree)
+        out[first:] = self._score_points(points)
         return out
 
     def attribution(self, X: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
@@ -555,7 +910,15 @@ class RandomCutForest:
         if self.raw_dims is None:
             return out
         points, first = self._shingles(rows, history)
-        out[first:] = _attribute_rows(points, self._tree)
+        used = np.count_nonzero(self._tree[0] >= 0)
+        if used:
+            part = out[first:]
+            _in_threads(
+                lambda a, b: _attribute_rows(points[a:b], self._tree, part[a:b]),
+                len(points),
+                _threads(len(points)),
+            )
+            part /= used
         return out
 
     def update(self, x: np.ndarray) -> float:
@@ -644,7 +1007,27 @@ class RandomCutForest:
         self._tree = tuple(a[key] for key in _TREE_KEYS)
         self._sampler = tuple(a[key] for key in _SAMPLER_KEYS)
         decay = 0.0 if self.time_decay is None else self.time_decay
-        self._stream = (a["shingle"], a["counters"], self._tree, self._sampler, a["rng"], decay)
+        # Streaming scratch (not state): each tree's root-to-leaf path, leaf depths, two lockstep work lists.
+        scratch = (np.empty((nodes, trees), np.int32), *(np.empty(trees, np.int32) for _ in range(3)))
+        self._stream = (a["shingle"], a["counters"], self._tree, self._sampler, a["rng"], decay, scratch)
+
+    def _score_points(self, points: np.ndarray) -> np.ndarray:
+        """Mean tree score of each shingled point: on the forest arrays for a few points, else on
+        depth-first tables (built in parallel over trees, then scored in parallel over points)."""
+        root = self._tree[0]
+        used = np.count_nonzero(root >= 0)
+        out = np.zeros(len(points))
+        if not used or not len(points):
+            return out
+        if len(points) < _TABLE_MIN_POINTS:
+            _score_rows(points, self._tree, out)
+            return out / used
+        trees, nodes, _, dims = self._tree[4].shape
+        tables = _new_tables(trees, nodes, dims)
+        threads = _threads(len(points))
+        _in_threads(lambda a, b: _fill_tables(self._tree, tables, a, b), trees, threads)
+        _in_threads(lambda a, b: _score_table_rows(points[a:b], root, tables, out[a:b]), len(points), threads)
+        return out / used
 
     def _rows(self, X: np.ndarray, allow_new_dims: bool = False) -> np.ndarray:
         """``X`` as a C-contiguous float64 (n, d) matrix (1-D means one dimension), finite values only."""

@@ -9,9 +9,11 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from numba import njit
 from scipy.stats import spearmanr
 
 import anomaly_dagster.detectors as registry
+from anomaly_dagster.detectors import rcf
 from anomaly_dagster.detectors.base import load_detectors, save_detectors
 from anomaly_dagster.detectors.rcf import RandomCutForest, RCFDetector, fold_attribution
 
@@ -150,10 +152,51 @@ def test_fit_matches_streaming_and_keeps_trees_consistent() -> None:
     streamed.fit(series[:300])
     for row in series[300:]:
         expected = streamed.score(row[None], history=streamed.state()[0]["shingle"].reshape(4, 2)[1:])[0]
-        assert streamed.update(row) == pytest.approx(expected)
+        assert streamed.update(row) == expected  # same arithmetic in the same order: exactly equal
     for key, value in fitted.state()[0].items():
         assert np.array_equal(value, streamed.state()[0][key]), key
     check_tree_invariants(streamed)
+
+
+@njit(cache=True)
+def _box_sums(x: np.ndarray, box: np.ndarray) -> tuple[float, float, float, float]:
+    gap, span = rcf._gap_span(x, box[0], box[1])
+    return gap, span, rcf._gap(x, box[0], box[1]), rcf._span(box[0], box[1])
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3, 4, 5, 7, 8, 24, 25])
+def test_box_sums_use_the_documented_lane_order(dims: int) -> None:
+    rng = np.random.default_rng(dims)
+    for _ in range(50):
+        x = rng.normal(size=dims)
+        box = np.sort(rng.normal(size=(2, dims)), axis=0)
+        lanes = np.zeros((2, 4))
+        for i in range(dims):
+            lanes[0, i % 4] += max(box[0, i] - x[i], x[i] - box[1, i], 0.0)
+            lanes[1, i % 4] += box[1, i] - box[0, i]
+        gap, span = ((a + b) + (c + d) for a, b, c, d in lanes)
+        assert _box_sums(x, box) == (gap, span, gap, span)
+
+
+@pytest.mark.parametrize("shingle_size", [1, 3])
+def test_scores_are_identical_for_any_batch_size_thread_count_and_streaming(
+    monkeypatch, shingle_size
+) -> None:
+    monkeypatch.setattr(rcf, "_TABLE_MIN_POINTS", 64)  # the depth-first tables for the big batch ...
+    monkeypatch.setattr(rcf, "_THREAD_MIN_POINTS", 64)  # ... scored by several threads
+    series = gaussian(1200, seed=15)
+    forest = RandomCutForest(num_trees=20, sample_size=32, shingle_size=shingle_size, random_state=15)
+    forest.fit(series[:800])
+    rows = series[800:]
+    history = series[800 - (shingle_size - 1) : 800]
+    monkeypatch.setattr(rcf, "NUM_THREADS", 3)
+    batch = forest.score(rows, history=history)
+    monkeypatch.setattr(rcf, "NUM_THREADS", 1)
+    assert np.array_equal(forest.score(rows, history=history), batch)
+    start = 800 - (shingle_size - 1)
+    pieces = [forest.score(rows[i : i + 10], history=series[start + i : 800 + i]) for i in range(0, 400, 10)]
+    assert np.array_equal(np.concatenate(pieces), batch)  # 10 points: straight on the forest arrays
+    assert forest.update(rows[0]) == batch[0]  # streaming: the same arithmetic again
 
 
 def test_duplicates_and_deletions_keep_trees_consistent() -> None:
