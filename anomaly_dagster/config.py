@@ -195,6 +195,8 @@ class SourceConfig(_Strict):
     labels: LabelsConfig | None = None
     streaming: StreamingConfig = StreamingConfig()
     max_field_length: int = Field(1024, ge=1)
+    # where ingest and resample run; ANOMALY_ENGINE overrides it for a run (see stage_engine)
+    engine: Literal["duckdb", "spark"] = "duckdb"
 
     @field_validator("name")
     @classmethod
@@ -372,6 +374,19 @@ def load_sources(directories: list[Path] | None = None) -> dict[str, SourceConfi
             source = load_source(path)
             sources[source.name] = source
     return sources
+
+
+ENGINE_ENV = "ANOMALY_ENGINE"
+ENGINES = ("duckdb", "spark")
+
+
+def stage_engine(source: SourceConfig) -> str:
+    """The engine of ``source``'s ingest and resample stages: ``ANOMALY_ENGINE`` when set (one run on
+    Spark without editing the source), else the source's ``engine``."""
+    override = os.environ.get(ENGINE_ENV, "").strip().lower()
+    if override and override not in ENGINES:
+        raise ConfigError(f"{ENGINE_ENV}={override!r}: the engine must be one of {list(ENGINES)}")
+    return override or source.engine
 
 
 def landing_dir() -> Path:

@@ -14,6 +14,7 @@ import dagster as dg
 from anomaly_dagster.config import SourceConfig, landing_dir, load_sources, warehouse_dir
 from assets.factory import build_source_assets
 from assets.operations import daily_schedule, landing_sensor, source_job
+from resources.spark import SparkResource
 from resources.warehouse import WarehouseResource
 
 # Single-run backfills (one run per date range) are the documented way to backfill these assets;
@@ -35,7 +36,10 @@ def build_definitions(sources: dict[str, SourceConfig], landing: str, warehouse:
         jobs=jobs,
         schedules=schedules,
         sensors=sensors,
-        resources={"warehouse": WarehouseResource(warehouse_dir=warehouse, landing_dir=landing)},
+        resources={
+            "warehouse": WarehouseResource(warehouse_dir=warehouse, landing_dir=landing),
+            "spark": SparkResource(),  # started only by a Spark-engine stage (ANOMALY_ENGINE or `engine:`)
+        },
     )
 
 

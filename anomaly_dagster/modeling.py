@@ -47,6 +47,12 @@ def training_window(source: SourceConfig, day: date, available: list[date]) -> t
     return [day], True
 
 
+def needs_labels(source: SourceConfig) -> bool:
+    """Whether training reads the labels: for best-F1 thresholds, or a supervised detector."""
+    supervised = any(getattr(detector_class(d.kind), "supervised", False) for d in source.detectors)
+    return source.threshold.method == "best_f1" or supervised
+
+
 def make_detector(source: SourceConfig, name: str) -> Detector:
     config = next(detector for detector in source.detectors if detector.name == name)
     params = dict(config.params)
@@ -77,7 +83,11 @@ def train(
     thresholds: dict[str, Threshold] = {}
     training_scores: dict[str, np.ndarray] = {}
     for config in source.detectors:
-        detector = make_detector(source, config.name).fit(features)
+        detector = make_detector(source, config.name)
+        if getattr(detector, "supervised", False):  # learns from the window's labels (spark_rf)
+            detector.fit(features, training_labels)
+        else:
+            detector.fit(features)
         scores = detector.score(features)
         detectors[config.name] = detector
         thresholds[config.name] = calibrate(scores, source.threshold, labels=training_labels)

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pandas as pd
 
 from anomaly_dagster import ingest, modeling, plots
-from anomaly_dagster.config import SourceConfig
+from anomaly_dagster.config import SourceConfig, stage_engine
 from anomaly_dagster.detectors import load_detectors, save_detectors
 from anomaly_dagster.evaluation import evaluation_table, precision_recall_curve, source_labels
 from anomaly_dagster.features import build_features
@@ -26,6 +27,9 @@ from anomaly_dagster.incidents import merge_incidents
 from anomaly_dagster.sql import quote_identifier, quote_literal
 from anomaly_dagster.storage import atomic_write_bytes
 from anomaly_dagster.warehouse import RunInfo, Warehouse, WrittenPartition
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 MODEL_FILE = "model.npz"
 
@@ -59,6 +63,13 @@ class StageContext:
     warehouse: Warehouse
     landing_dir: Path
     run: RunInfo
+    spark: Callable[[], SparkSession] | None = None  # the Spark engine's session, started on first call
+
+    def spark_session(self) -> SparkSession:
+        """The session of a Spark-engine stage; imported here so the DuckDB path never loads PySpark."""
+        from anomaly_dagster.engines.spark import spark_session
+
+        return (self.spark or spark_session)()
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,10 @@ def _record(context: StageContext, outputs: list[AssetOutput]) -> list[AssetOutp
 
 
 def run_ingest(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    if stage_engine(context.source) == "spark":
+        from anomaly_dagster.engines.spark import run_ingest_spark
+
+        return run_ingest_spark(context, days, context.spark_session())
     source, warehouse = context.source, context.warehouse
     files = ingest.discover(source, context.landing_dir)
     index = ingest.LandingIndex(warehouse.asset_dir(source.name, "landing_index") / "index.json")
@@ -167,6 +182,10 @@ def resample_sql(source: SourceConfig, event_files: list[str], days: list[date])
 
 
 def run_resample(context: StageContext, days: list[date]) -> list[AssetOutput]:
+    if stage_engine(context.source) == "spark":
+        from anomaly_dagster.engines.spark import run_resample_spark
+
+        return run_resample_spark(context, days, context.spark_session())
     source, warehouse = context.source, context.warehouse
     files = [
         str(path)
@@ -217,7 +236,7 @@ def model_path(warehouse: Warehouse, source: SourceConfig, day: date) -> Path:
 def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     available = warehouse.existing_days(source.name, "features")
-    labels = source_labels(source, context.landing_dir) if source.threshold.method == "best_f1" else None
+    labels = source_labels(source, context.landing_dir) if modeling.needs_labels(source) else None
     frames, written = {}, []
     for day in days:
         window, cold_start = modeling.training_window(source, day, available)

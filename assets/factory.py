@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from anomaly_dagster import __version__, checks
-from anomaly_dagster.config import SourceConfig
+from anomaly_dagster.config import SourceConfig, stage_engine
 from anomaly_dagster.evaluation import labels_file
 from anomaly_dagster.pipeline import (
     ASSET_DESCRIPTIONS,
@@ -26,9 +26,11 @@ from anomaly_dagster.pipeline import (
 )
 from anomaly_dagster.sql import parse_day
 from anomaly_dagster.warehouse import RunInfo
+from resources.spark import SparkResource
 from resources.warehouse import WarehouseResource
 
 PREVIEW_ROWS = 8
+ENGINE_STAGES = ("ingest", "resample")
 CHECKS: dict[str, tuple[str, str]] = {
     # asset: (check name, description)
     "resampled": ("complete_buckets", "Every day has its full bucket grid: no gaps, no duplicates."),
@@ -95,6 +97,11 @@ def _check_results(source: SourceConfig, outputs: dict[str, AssetOutput]) -> Ite
         )
 
 
+def _engine_kind(source: SourceConfig, stage: Stage) -> str:
+    """What the UI shows a stage running on: ingest and resample follow the source's engine."""
+    return stage_engine(source) if stage.name in ENGINE_STAGES else "duckdb"
+
+
 def _stage_asset(
     source: SourceConfig, stage: Stage, partitions: dg.PartitionsDefinition
 ) -> dg.AssetsDefinition:
@@ -108,7 +115,7 @@ def _stage_asset(
             deps=deps,
             description=ASSET_DESCRIPTIONS[asset],
             group_name=source.name,
-            kinds={"duckdb", "parquet"},
+            kinds={_engine_kind(source, stage), "parquet"},
             code_version=__version__,
         )
         for asset in stage.outputs
@@ -129,10 +136,16 @@ def _stage_asset(
         backfill_policy=dg.BackfillPolicy.single_run(),
         description=stage.description,
     )
-    def _materialize(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> Iterator:
+    def _materialize(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource, spark: SparkResource
+    ) -> Iterator:
         days: list[date] = sorted(parse_day(key) for key in context.partition_keys)
         stage_context = StageContext(
-            source, warehouse.open(), warehouse.landing_path, RunInfo(context.run.run_id, __version__)
+            source,
+            warehouse.open(),
+            warehouse.landing_path,
+            RunInfo(context.run.run_id, __version__),
+            spark=lambda: spark.spark_session,  # lazy: only a Spark-engine stage starts the JVM
         )
         context.log.info(f"{source.name} {stage.name}: {days[0]}..{days[-1]} ({len(days)} day(s))")
         outputs = {output.asset: output for output in stage.run(stage_context, days)}

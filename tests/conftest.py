@@ -25,3 +25,11 @@ def generated_logs(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("generated")
     return generate_clickstream(root / "landing", days=4, start=date(2020, 7, 7), seed=11)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session (two cores) for the whole test session: the JVM starts once."""
+    from anomaly_dagster.engines.spark import spark_session
+
+    return spark_session("local[2]")

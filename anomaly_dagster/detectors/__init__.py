@@ -8,6 +8,7 @@ from anomaly_dagster.detectors.forecast_band import SeasonalBandDetector
 from anomaly_dagster.detectors.iqr import IQRDetector
 from anomaly_dagster.detectors.isolation_forest import IsolationForestDetector
 from anomaly_dagster.detectors.rcf import RCFDetector
+from anomaly_dagster.detectors.spark_rf import SparkRandomForestDetector
 from anomaly_dagster.detectors.zscore import RobustZScoreDetector
 
 DETECTOR_CLASSES: dict[str, type[Detector]] = {
@@ -19,6 +20,7 @@ DETECTOR_CLASSES: dict[str, type[Detector]] = {
         IsolationForestDetector,
         SeasonalBandDetector,
         DeepARDetector,
+        SparkRandomForestDetector,
     )
 }
 

@@ -1,0 +1,1 @@
+"""Alternative engines for the compute-heavy stages (the DuckDB engine lives in ``pipeline``)."""
