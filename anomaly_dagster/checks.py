@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 
+import numpy as np
 import pandas as pd
 
 from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.features import day_buckets
+from anomaly_dagster.modeling import ENSEMBLE
 
 
 @dataclass(frozen=True)
@@ -16,10 +18,12 @@ class CheckOutcome:
     passed: bool
     description: str
     per_day: dict[str, float | int | str] = field(default_factory=dict)
+    totals: dict[str, float | int] = field(default_factory=dict)
 
 
 def complete_buckets(source: SourceConfig, frames: dict[date, pd.DataFrame]) -> CheckOutcome:
-    """Every day has exactly its bucket grid: no gap, no duplicate, no stray bucket."""
+    """Every day (of every entity, with an entity column) has exactly its bucket grid: no gap, no
+    duplicate, no stray bucket. An entity source with no entity on a day fails: nothing reported."""
     problems = {}
     for day, frame in sorted(frames.items()):
         expected = day_buckets(source, day).as_unit("us")
@@ -31,8 +35,10 @@ def complete_buckets(source: SourceConfig, frames: dict[date, pd.DataFrame]) -> 
                 f"{len(actual)} rows: {len(missing)} missing, {len(extra)} outside the day, {duplicated} duplicated"
             )
     if problems:
-        return CheckOutcome(False, f"incomplete bucket grid on {len(problems)} day(s)", problems)
-    return CheckOutcome(True, f"{source.buckets_per_day} buckets on each of {len(frames)} day(s)")
+        where = "day(s)" if source.entity is None else f"day(s) or {source.entity} value(s)"
+        return CheckOutcome(False, f"incomplete bucket grid on {len(problems)} {where}", problems)
+    per_entity = "" if source.entity is None else f" of {min(counts)}-{max(counts)} {source.entity} value(s)"
+    return CheckOutcome(True, f"{source.buckets_per_day} buckets on each of {len(frames)} day(s){per_entity}")
 
 
 def quarantine_rate(
@@ -49,11 +55,79 @@ def quarantine_rate(
 
 
 def alert_rate(source: SourceConfig, anomalies: dict[date, pd.DataFrame]) -> CheckOutcome:
-    """Share of flagged buckets per day within [min_alert_rate, max_alert_rate]."""
+    """Share of flagged buckets per day within [min_alert_rate, max_alert_rate]; with an entity
+    column, of the entity flagged most that day."""
     low, high = source.checks.min_alert_rate, source.checks.max_alert_rate
-    rates = {day.isoformat(): len(frame) / source.buckets_per_day for day, frame in sorted(anomalies.items())}
+    rates = {
+        day.isoformat(): max((len(rows) for _, rows in entities.split(source, frame)), default=0)
+        / source.buckets_per_day
+        for day, frame in sorted(anomalies.items())
+    }
     outside = {day: rate for day, rate in rates.items() if not low <= rate <= high}
     description = f"alert rate per day in [{low:.0%}, {high:.0%}]" + (
         f"; outside on {sorted(outside)}" if outside else ""
     )
     return CheckOutcome(not outside, description, rates)
+
+
+def stream_batch_agreement(
+    source: SourceConfig, stream: pd.DataFrame, scores: pd.DataFrame, resampled: pd.DataFrame
+) -> CheckOutcome:
+    """Stream answers (``stream_scores``) against batch (``scores`` ensemble rows, ``resampled``).
+
+    Both paths score the same buckets with the same model, so their flags should mostly agree; a low
+    agreement means the stream drifted (a stale warm start, lost events, a lateness too short). Only
+    buckets present in both are compared; count metrics that differ point at lost or extra events.
+    Passes when there are no stream rows: nothing was streamed, nothing to compare.
+    """
+    limit = source.checks.min_stream_agreement
+    if stream.empty:
+        return CheckOutcome(
+            True, "no stream rows for these days: nothing to compare", totals={"buckets_compared": 0}
+        )
+    batch = (
+        scores.loc[scores["detector"] == ENSEMBLE, ["bucket_start", "is_anomaly"]] if len(scores) else None
+    )
+    if batch is None or batch.empty:
+        return CheckOutcome(
+            True, "no batch scores for these days: nothing to compare", totals={"buckets_compared": 0}
+        )
+    counts = [metric.name for metric in source.metrics if metric.is_count]
+    left = stream[["window_start", "is_anomaly", *counts]].rename(columns={"window_start": "bucket_start"})
+    joined = left.merge(batch, on="bucket_start", suffixes=("_stream", "_batch"))
+    if len(resampled):
+        joined = joined.merge(
+            resampled[["bucket_start", *counts]], on="bucket_start", how="left", suffixes=("", "_batch")
+        )
+        differs = np.zeros(len(joined), dtype=bool)
+        for name in counts:
+            differs |= joined[name].to_numpy() != joined[f"{name}_batch"].to_numpy()
+        joined["count_mismatch"] = differs
+    else:
+        joined["count_mismatch"] = False
+    flags = joined["is_anomaly_stream"].astype(bool), joined["is_anomaly_batch"].astype(bool)
+    joined["agrees"] = flags[0] == flags[1]
+    joined["stream_only"], joined["batch_only"] = flags[0] & ~flags[1], ~flags[0] & flags[1]
+    per_day = {
+        day.isoformat(): float(rows["agrees"].mean())
+        for day, rows in joined.groupby(joined["bucket_start"].dt.date)
+    }
+    if not per_day:
+        return CheckOutcome(
+            True, "stream and batch share no bucket: nothing to compare", totals={"buckets_compared": 0}
+        )
+    worst_day, worst = min(per_day.items(), key=lambda item: item[1])
+    totals = {
+        "agreement": float(joined["agrees"].mean()),
+        "buckets_compared": len(joined),
+        "flag_mismatches": int((~joined["agrees"]).sum()),
+        "stream_only_flags": int(joined["stream_only"].sum()),
+        "batch_only_flags": int(joined["batch_only"].sum()),
+        "count_mismatches": int(joined["count_mismatch"].sum()),
+    }
+    description = (
+        f"stream and batch flags agree on {totals['agreement']:.1%} of {len(joined)} buckets "
+        f"(lowest {worst:.1%} on {worst_day}; limit {limit:.0%}); "
+        f"{totals['count_mismatches']} bucket(s) with different counts"
+    )
+    return CheckOutcome(worst >= limit, description, per_day, totals)

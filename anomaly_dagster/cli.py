@@ -15,11 +15,11 @@ import pandas as pd
 
 from anomaly_dagster.config import load_sources, warehouse_dir
 from anomaly_dagster.evaluation import evaluate, load_labels
-from anomaly_dagster.generate import generate_clickstream
+from anomaly_dagster.generate import generate_clickstream, generate_sensors
 from anomaly_dagster.streaming import register_cli as register_stream_cli
 from anomaly_dagster.warehouse import Warehouse
 
-GENERATORS = {"clickstream": generate_clickstream}
+GENERATORS = {"clickstream": generate_clickstream, "sensors": generate_sensors}
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -171,6 +171,8 @@ class ChecksConfig(_Strict):
     max_quarantine_rate: float = Field(0.01, ge=0.0, le=1.0)
     max_alert_rate: float = Field(0.2, ge=0.0, le=1.0)
     min_alert_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # stream_vs_batch: share of a day's buckets whose stream flag equals the batch ensemble's
+    min_stream_agreement: float = Field(0.95, ge=0.0, le=1.0)
 
 
 class SourceConfig(_Strict):
@@ -206,6 +208,11 @@ class SourceConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> SourceConfig:
         if 1440 % self.bucket_minutes:
+    @field_validator("entity")
+    @classmethod
+    def _entity(cls, value: str | None) -> str | None:
+        return None if value is None else validate_identifier(value, "entity column")
+
             raise ValueError(f"bucket_minutes {self.bucket_minutes} must divide a day (1440 minutes)")
         raw = [column.name for column in self.columns]
         if self.timestamp.column in raw:
@@ -231,6 +238,8 @@ class SourceConfig(_Strict):
         features = set(self.feature_columns)
         for detector in self.detectors:
             missing = sorted(set(detector.features) - features)
+        if self.entity is not None:
+            _check_entity(self.entity, self.columns, known)
             if missing:
                 raise ValueError(
                     f"detector {detector.name!r} uses unknown features {missing}; available: {sorted(features)}"
@@ -276,6 +285,25 @@ class SourceConfig(_Strict):
 def _unique(names: list[str], what: str) -> None:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
+# columns of the per-bucket tables (features, scores, anomalies, incidents) an entity must not shadow
+RESERVED_COLUMNS = frozenset(
+    {"bucket_start", "slot", "tod_sin", "tod_cos", "date", "detector", "detectors", "score", "threshold"}
+    | {"normalized", "is_anomaly", "top_feature", "direction", "attribution", "expected", "start", "end"}
+    | {"buckets", "duration_minutes", "peak_bucket", "peak_score", "observed", "sample_events", "cold_start"}
+)
+
+
+def _check_entity(entity: str, columns: list[ColumnConfig], series: list[str]) -> None:
+    """The entity is a declared string column and cannot be mistaken for a series or table column."""
+    column = next((column for column in columns if column.name == entity), None)
+    if column is None:
+        raise ValueError(f"entity {entity!r} is not a declared column; columns: {[c.name for c in columns]}")
+    if column.type != "string":
+        raise ValueError(f"entity column {entity!r} must have type 'string', not {column.type!r}")
+    if entity in series or entity in RESERVED_COLUMNS:
+        raise ValueError(f"entity column {entity!r} clashes with a metric, derived or table column name")
+
+
         raise ValueError(f"duplicate {what} names: {duplicates}")
 
 

@@ -14,6 +14,7 @@ import dagster as dg
 from anomaly_dagster.config import SourceConfig, landing_dir, load_sources, warehouse_dir
 from assets.factory import build_source_assets
 from assets.operations import daily_schedule, landing_sensor, source_job
+from assets.stream_checks import stream_vs_batch_check
 from resources.spark import SparkResource
 from resources.warehouse import WarehouseResource
 
@@ -24,15 +25,17 @@ warnings.filterwarnings("ignore", message=r".*`backfill_policy`.*", category=dg.
 
 def build_definitions(sources: dict[str, SourceConfig], landing: str, warehouse: str) -> dg.Definitions:
     """Definitions for ``sources`` reading ``landing`` and writing ``warehouse``."""
-    assets, jobs, schedules, sensors = [], [], [], []
+    assets, asset_checks, jobs, schedules, sensors = [], [], [], [], []
     for source in sources.values():
         assets.extend(build_source_assets(source))
+        asset_checks.append(stream_vs_batch_check(source))
         job = source_job(source)
         jobs.append(job)
         schedules.append(daily_schedule(source, job))
         sensors.append(landing_sensor(source, job, landing, warehouse))
     return dg.Definitions(
         assets=assets,
+        asset_checks=asset_checks,
         jobs=jobs,
         schedules=schedules,
         sensors=sensors,

@@ -1,4 +1,6 @@
-"""Realistic sample raw clickstream logs with labelled injected faults, so the demo runs without reference data.
+"""Realistic sample raw logs with labelled injected faults, so the demo runs without reference data.
+
+Two sources: the web clickstream (below) and the sensor log (``generate_sensors``, further down).
 
 Calibrated on a public nine-day simulated clickstream (10-minute buckets): about 105 events and 77 distinct
 users per bucket at night, about 3.8 times that in the early afternoon (UTC), events/users near 1.4 at night
@@ -68,17 +70,19 @@ PARTIAL_OUTAGE_LOST = (0.85, 0.98)
 DEFAULT_USER_CODE = 0  # the id a buggy logger falls back to: u0000000000
 FRESH_USER_BASE = 9_000_000_000  # ids a buggy logger mints per event, never seen before
 
-Kind = Literal["program_error", "outage"]
+Kind = Literal["program_error", "outage", "spike", "drift", "stuck", "dropout"]
 Effect = Literal["default_id", "fresh_ids", "lost"]
 
 
 @dataclass(frozen=True)
 class InjectedIncident:
-    """One labelled fault: inclusive first and last 10-minute bucket starts (naive UTC)."""
+    """One labelled fault: inclusive first and last 10-minute bucket starts (naive UTC), and the
+    entity it hit (a sensor), if the log has entities."""
 
     kind: Kind
     start: datetime
     end: datetime
+    entity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -304,9 +308,200 @@ def _write_day(out_dir: Path, day: date, frame: pd.DataFrame, jsonl: bool) -> Pa
     return path
 
 
-def _labels_csv(incidents: list[InjectedIncident]) -> bytes:
-    lines = ["start,end,kind"] + [
+def _labels_csv(incidents: list[InjectedIncident], entity_column: str | None = None) -> bytes:
+    """``start,end,kind`` ranges; with ``entity_column`` a fourth column names the entity hit
+    (label readers that know only the first three still read the file)."""
+    header = "start,end,kind" + (f",{entity_column}" if entity_column else "")
+    lines = [header] + [
         f"{incident.start:%Y-%m-%d %H:%M:%S},{incident.end:%Y-%m-%d %H:%M:%S},{incident.kind}"
+        + (f",{incident.entity}" if entity_column else "")
         for incident in incidents
     ]
     return ("\n".join(lines) + "\n").encode()
+
+
+# --- sensors ---------------------------------------------------------------------------------------
+
+SENSOR_START = date(2024, 3, 1)
+SENSOR_INTERVAL_SECONDS = 30.0  # one reading per sensor every 30 s: ~20 per bucket
+SENSOR_JITTER_SECONDS = 1.0  # clock jitter, so a bucket now and then holds 19 or 21 readings
+SENSOR_LOSS = 0.01  # readings lost on the way
+TEMPERATURE_LEVEL = (25.0, 3.0)  # °C: fleet mean, and the spread of sensor levels around it
+TEMPERATURE_DAILY = 1.5  # amplitude of the daily cycle, warmest at 15:00 UTC
+TEMPERATURE_WANDER = (0.15, 0.9)  # AR(1) per bucket: sd and phi
+TEMPERATURE_NOISE = 0.05
+PRESSURE_LEVEL = (1012.0, 3.0)  # hPa: fleet mean and the spread by altitude
+PRESSURE_TIDE = 0.6  # semi-diurnal atmospheric tide
+PRESSURE_WEATHER = (0.3, 0.98)  # AR(1) per bucket shared by the fleet (same weather): sd and phi
+PRESSURE_NOISE = 0.1
+SPIKE_READING = (100.0, 950.0)  # one corrupt reading: temperature and pressure
+SENSOR_FAULTS_PER_DAY: dict[Kind, float] = {
+    "spike": 1.5,
+    "dropout": 0.5,
+    "stuck": 0.35,
+    "drift": 0.35,
+}  # over the fleet
+DROPOUT_BUCKETS = (3, 12)  # 30 minutes to 2 hours of silence
+STUCK_BUCKETS = (6, 18)  # the sensor repeats its last reading for 1-3 hours
+DRIFT_BUCKETS = (18, 36)  # 3-6 hours of drift, then recalibrated
+DRIFT_DEGREES = (2.5, 4.0)  # reached at the end of the drift
+SENSOR_FAULT_SEPARATION = 6  # clean buckets between faults of one sensor
+
+
+@dataclass(frozen=True)
+class _SensorFault:
+    kind: Kind
+    sensor: int
+    first: int  # bucket index from the start of the first day
+    last: int  # inclusive
+
+
+def generate_sensors(
+    out_dir: Path,
+    days: int,
+    start: date = SENSOR_START,
+    seed: int = 7,
+    labels_path: Path | None = None,
+    sensors: int = 3,
+) -> GeneratedLogs:
+    """Write one ``sensors_<day>.csv.gz`` per day (``timestamp, sensor_id, temperature, pressure``) and
+    the fault labels beside the landing folder; deterministic per seed.
+
+    Each sensor has its own level (°C around 25, hPa around 1012), a daily cycle, slow wander and
+    reading noise. Faults after the first day: a spike (one reading of 100.0 °C and 950.0 hPa),
+    a dropout (no readings for 30 minutes to 2 hours), a stuck sensor (the last reading repeated for
+    hours) and a slow drift (up to +4 °C over hours). With ``sensors=1`` the files have no
+    ``sensor_id`` column: one series, as a single device logs it.
+    """
+    if days < 1 or sensors < 1:
+        raise ValueError(f"days and sensors must be at least 1, got {days} and {sensors}")
+    rng = np.random.default_rng(seed)
+    names = [f"s{index + 1:02d}" for index in range(sensors)]
+    faults = _plan_sensor_faults(rng, days, sensors)
+    weather = _ar1(rng, days * BUCKETS_PER_DAY, *PRESSURE_WEATHER)  # the fleet shares the weather
+    readings = pd.concat(
+        [_sensor_readings(rng, days, index, faults, weather) for index in range(sensors)], ignore_index=True
+    )
+    readings = readings.sort_values("seconds", kind="stable", ignore_index=True)  # arrival order
+
+    out_dir = Path(out_dir)
+    origin = datetime.combine(start, datetime.min.time())
+    stamps = pd.Timestamp(origin) + pd.to_timedelta(readings["seconds"].to_numpy(), unit="s")
+    day_index = readings["seconds"].to_numpy() // DAY_SECONDS
+    columns = ["timestamp", *(["sensor_id"] if sensors > 1 else []), "temperature", "pressure"]
+    table = pd.DataFrame(
+        {
+            "timestamp": stamps.strftime("%Y-%m-%d %H:%M:%S"),
+            "sensor_id": np.asarray(names, dtype=object)[readings["sensor"].to_numpy()],
+            "temperature": readings["temperature"].map("{:.2f}".format),
+            "pressure": readings["pressure"].map("{:.2f}".format),
+        }
+    )[columns]
+    files = []
+    for day in range(days):
+        path = out_dir / f"sensors_{start + timedelta(days=day)}.csv.gz"
+        text = table[day_index == day].to_csv(index=False, lineterminator="\n")
+        atomic_write_bytes(path, gzip.compress(text.encode(), compresslevel=1, mtime=0))
+        files.append(path)
+
+    incidents = [
+        InjectedIncident(
+            kind=fault.kind,
+            start=origin + timedelta(seconds=fault.first * BUCKET_SECONDS),
+            end=origin + timedelta(seconds=fault.last * BUCKET_SECONDS),
+            entity=names[fault.sensor] if sensors > 1 else None,
+        )
+        for fault in faults
+    ]
+    labels = (
+        Path(labels_path) if labels_path is not None else out_dir.parent / "labels" / "sensors_labels.csv"
+    )
+    atomic_write_bytes(labels, _labels_csv(incidents, "sensor_id" if sensors > 1 else None))
+    return GeneratedLogs(files=files, labels=labels, incidents=incidents)
+
+
+def _plan_sensor_faults(rng: np.random.Generator, days: int, sensors: int) -> list[_SensorFault]:
+    """Non-overlapping faults per sensor after day one (the pipeline cold-starts there); at least
+    one spike whenever there is a day to put it in."""
+    lengths = {"spike": (1, 1), "dropout": DROPOUT_BUCKETS, "stuck": STUCK_BUCKETS, "drift": DRIFT_BUCKETS}
+    faults: list[_SensorFault] = []
+    if days < 2:
+        return faults
+    for kind, rate in SENSOR_FAULTS_PER_DAY.items():
+        count = max(round(rate * (days - 1)), 1 if kind == "spike" else 0)
+        for _ in range(count):
+            length = int(rng.integers(lengths[kind][0], lengths[kind][1] + 1))
+            for _ in range(1000):
+                sensor = int(rng.integers(sensors))
+                first = int(rng.integers(BUCKETS_PER_DAY, days * BUCKETS_PER_DAY - length + 1))
+                last = first + length - 1
+                if all(
+                    f.sensor != sensor
+                    or first > f.last + SENSOR_FAULT_SEPARATION
+                    or last < f.first - SENSOR_FAULT_SEPARATION
+                    for f in faults
+                ):
+                    faults.append(_SensorFault(kind, sensor, first, last))
+                    break
+            else:
+                raise RuntimeError(f"could not place {count} {kind} faults in {days} days")
+    return sorted(faults, key=lambda f: (f.first, f.sensor))
+
+
+def _ar1(rng: np.random.Generator, size: int, sd: float, phi: float) -> np.ndarray:
+    """A stationary AR(1) series with standard deviation ``sd``."""
+    innovations = rng.normal(0.0, sd * math.sqrt(1 - phi**2), size)
+    innovations[0] = rng.normal(0.0, sd)
+    return lfilter([1.0], [1.0, -phi], innovations)
+
+
+def _sensor_readings(
+    rng: np.random.Generator, days: int, sensor: int, faults: list[_SensorFault], weather: np.ndarray
+) -> pd.DataFrame:
+    """One sensor's readings (seconds from the first midnight, temperature, pressure), faults applied."""
+    count = int(days * DAY_SECONDS / SENSOR_INTERVAL_SECONDS)
+    phase = rng.uniform(0, SENSOR_INTERVAL_SECONDS)
+    seconds = np.arange(count) * SENSOR_INTERVAL_SECONDS + phase + rng.normal(0, SENSOR_JITTER_SECONDS, count)
+    seconds = np.clip(seconds, 0, days * DAY_SECONDS - 1).astype(np.int64)
+    buckets = days * BUCKETS_PER_DAY
+    centres = (np.arange(buckets) + 0.5) * BUCKET_SECONDS
+    hours = seconds / 3600.0
+    level = rng.normal(*TEMPERATURE_LEVEL)
+    wander = np.interp(seconds, centres, _ar1(rng, buckets, *TEMPERATURE_WANDER))
+    temperature = (
+        level
+        + TEMPERATURE_DAILY * np.cos(2 * np.pi * (hours - 15.0) / 24.0)
+        + wander
+        + rng.normal(0, TEMPERATURE_NOISE, count)
+    )
+    pressure = (
+        rng.normal(*PRESSURE_LEVEL)
+        + PRESSURE_TIDE * np.cos(4 * np.pi * (hours - 10.0) / 24.0)
+        + np.interp(seconds, centres, weather)
+        + rng.normal(0, PRESSURE_NOISE, count)
+    )
+    keep = rng.random(count) >= SENSOR_LOSS
+    bucket = seconds // BUCKET_SECONDS
+    for fault in (f for f in faults if f.sensor == sensor):
+        inside = (bucket >= fault.first) & (bucket <= fault.last)
+        if fault.kind == "spike":
+            hit = int(rng.choice(np.flatnonzero(inside & keep)))
+            temperature[hit], pressure[hit] = SPIKE_READING
+        elif fault.kind == "dropout":
+            keep &= ~inside
+        elif fault.kind == "stuck":
+            before = int(np.flatnonzero(bucket < fault.first)[-1])
+            temperature[inside], pressure[inside] = temperature[before], pressure[before]
+        else:  # drift: a linear ramp, then the sensor is recalibrated
+            ramp = (seconds[inside] - fault.first * BUCKET_SECONDS) / (
+                (fault.last - fault.first + 1) * BUCKET_SECONDS
+            )
+            temperature[inside] += rng.uniform(*DRIFT_DEGREES) * ramp
+    return pd.DataFrame(
+        {
+            "seconds": seconds[keep],
+            "sensor": sensor,
+            "temperature": temperature[keep],
+            "pressure": pressure[keep],
+        }
+    )

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
+import numpy as np
 import pandas as pd
 
-from anomaly_dagster import ingest, modeling, plots
+from anomaly_dagster import entities, ingest, modeling, plots
 from anomaly_dagster.config import SourceConfig, stage_engine
 from anomaly_dagster.detectors import load_detectors, save_detectors
 from anomaly_dagster.evaluation import evaluation_table, precision_recall_curve, source_labels
@@ -141,10 +142,15 @@ def resample_sql(source: SourceConfig, event_files: list[str], days: list[date])
     """One query: bucket every event of ``days`` and left-join onto the full bucket grid.
 
     Counts are zero in empty buckets (an outage is a drop to zero, not a missing row); other
-    aggregations are NULL there.
+    aggregations are NULL there. A ``count`` with a column counts that column's values. With an
+    entity column the grid is per entity and day: every entity with events on the day or the day
+    before (``event_files`` then include the days before), so an entity that falls silent for a
+    whole day shows as a day of empty buckets rather than vanishing.
     """
+    if source.entity is not None:
+        return _entity_resample_sql(source, event_files, days)
     aggregations = {
-        "count": lambda column: "count(*)",
+        "count": lambda column: f"count({column or '*'})",
         "nunique": lambda column: f"count(DISTINCT {column})",
         "sum": lambda column: f"sum({column})",
         "mean": lambda column: f"avg({column})",
@@ -181,15 +187,62 @@ def resample_sql(source: SourceConfig, event_files: list[str], days: list[date])
     )
 
 
+def _entity_resample_sql(source: SourceConfig, event_files: list[str], days: list[date]) -> str:
+    """:func:`resample_sql` with one grid per entity and day, ordered by entity then bucket."""
+    interval = f"INTERVAL {int(source.bucket_minutes)} MINUTE"
+    entity = quote_identifier(source.entity, "entity column")
+    aggregations = {
+        "count": "count({})",
+        "nunique": "count(DISTINCT {})",
+        "sum": "sum({})",
+        "mean": "avg({})",
+        "min": "min({})",
+        "max": "max({})",
+        "p95": "quantile_cont({}, 0.95)",
+    }
+    metrics = ", ".join(
+        aggregations[metric.agg].format(quote_identifier(metric.column) if metric.column else "*")
+        + f" AS {quote_identifier(metric.name)}"
+        for metric in source.metrics
+    )
+    filled = ", ".join(
+        f"coalesce(a.{quote_identifier(metric.name)}, 0) AS {quote_identifier(metric.name)}"
+        if metric.is_count
+        else f"a.{quote_identifier(metric.name)}"
+        for metric in source.metrics
+    )
+    wanted = "[" + ", ".join(f"{quote_literal(day.isoformat())}::DATE" for day in days) + "]"
+    files = "[" + ", ".join(quote_literal(path) for path in event_files) + "]"
+    events = (
+        f"SELECT * FROM read_parquet({files})"
+        if event_files
+        else f"SELECT NULL::TIMESTAMP AS timestamp, NULL::VARCHAR AS {entity} FROM (SELECT 1) WHERE false"
+    )
+    return (
+        f"WITH events AS ({events}), "
+        f"seen AS (SELECT DISTINCT CAST(timestamp AS DATE) AS day, {entities.entity_sql(source)} AS {entity} "
+        "FROM events), "
+        f"wanted AS (SELECT unnest({wanted}) AS day), "
+        f"grid AS (SELECT DISTINCT s.{entity}, unnest(range(w.day::TIMESTAMP, (w.day + 1)::TIMESTAMP, {interval})) "
+        "AS bucket_start FROM wanted w JOIN seen s ON s.day = w.day OR s.day = w.day - 1), "
+        f"a AS (SELECT time_bucket({interval}, timestamp) AS bucket_start, {entities.entity_sql(source)} AS {entity}, "
+        f"{metrics} FROM events GROUP BY 1, 2) "
+        f"SELECT g.bucket_start, g.{entity}, {filled} FROM grid g LEFT JOIN a USING (bucket_start, {entity}) "
+        f"ORDER BY g.{entity}, g.bucket_start"
+    )
+
+
 def run_resample(context: StageContext, days: list[date]) -> list[AssetOutput]:
     if stage_engine(context.source) == "spark":
         from anomaly_dagster.engines.spark import run_resample_spark
 
         return run_resample_spark(context, days, context.spark_session())
     source, warehouse = context.source, context.warehouse
+    (upstream,) = _resample_upstream(source)
+    read = sorted({day for d in days for day in upstream.days(d)})
     files = [
         str(path)
-        for path in (warehouse.partition_file(source.name, "raw_events", day) for day in days)
+        for path in (warehouse.partition_file(source.name, "raw_events", day) for day in read)
         if path.exists()
     ]
     with warehouse.reading(), duckdb.connect() as connection:  # no rename mid-read
@@ -199,8 +252,15 @@ def run_resample(context: StageContext, days: list[date]) -> list[AssetOutput]:
         if metric.is_count:
             table[metric.name] = table[metric.name].astype("int64")
     frames = {day: part.reset_index(drop=True) for day, part in table.groupby(table["bucket_start"].dt.date)}
-    output = _write(context, "resampled", frames, [Upstream("raw_events")])
+    # an entity source may have a day without any entity: an empty partition, not a missing one
+    frames = {day: frames.get(day, table.iloc[:0]) for day in days}
+    output = _write(context, "resampled", frames, [upstream])
     return _record(context, [output])
+
+
+def _resample_upstream(source: SourceConfig) -> tuple[Upstream]:
+    """Raw events of the day; with entities also the day before, whose entities the grid keeps."""
+    return (Upstream("raw_events", -1 if source.entity is not None else 0, 0),)
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -211,17 +271,23 @@ def run_features(context: StageContext, days: list[date]) -> list[AssetOutput]:
     resampled = warehouse.read_partitions(
         source.name, "resampled", [d - timedelta(days=1) for d in days] + days
     )
-    if resampled.empty:
+    if resampled.empty and source.entity is None:
         raise FileNotFoundError(f"no resampled partitions for {source.name} on {days[0]}..{days[-1]}")
     by_day = {day: frame for day, frame in resampled.groupby(resampled["bucket_start"].dt.date)}
     frames = {}
     for day in days:
-        if day not in by_day:
+        if day not in by_day and not warehouse.partition_file(source.name, "resampled", day).exists():
             raise FileNotFoundError(
                 f"{source.name}: resampled partition {day} is missing; materialize it first"
             )
-        window = pd.concat([by_day.get(day - timedelta(days=1), by_day[day].iloc[:0]), by_day[day]])
-        frames[day] = build_features(source, day, window)
+        today = by_day.get(day, resampled.iloc[:0])
+        window = pd.concat([by_day.get(day - timedelta(days=1), today.iloc[:0]), today])
+        frames[day] = entities.per_entity(
+            source,
+            window,
+            lambda _, rows, day=day: build_features(source, day, rows),
+            entities.entities_on(source, today) if source.entity is not None else None,
+        )
     output = _write(context, "features", frames, [Upstream("resampled", -1, 0)])
     return _record(context, [output])
 
@@ -241,21 +307,88 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     for day in days:
         window, cold_start = modeling.training_window(source, day, available)
         features = warehouse.read_partitions(source.name, "features", window)
-        model = modeling.train(source, features, window, cold_start, labels)
-        save_detectors(model_path(warehouse, source, day), model.detectors, model.manifest())
-        frames[day] = modeling.model_summary(source, model)
         upstream = [("features", training_day) for training_day in window]
+        if source.entity is None:
+            model = modeling.train(source, features, window, cold_start, labels)
+            save_detectors(model_path(warehouse, source, day), model.detectors, model.manifest())
+            frames[day] = modeling.model_summary(source, model)
+            training_scores = model.training_scores
+            thresholds = {name: threshold.value for name, threshold in model.thresholds.items()}
+        else:
+            today = features if cold_start else warehouse.read_partitions(source.name, "features", [day])
+            models = _train_entities(source, day, features, today, cold_start, labels)
+            entities.save_entity_models(
+                model_path(warehouse, source, day),
+                {e: (m.detectors, m.manifest()) for e, m in models.items()},
+            )
+            frames[day] = _entity_model_summary(source, models)
+            upstream += [("features", day)] if frames[day]["cold_start"].any() and not cold_start else []
+            training_scores, thresholds = _pooled_training_scores(source, models)
         written.append(warehouse.write_partition(source.name, "model", day, frames[day], upstream))
     # the calibration plot of the newest model in the window: what the UI shows for this run
     plot = warehouse.plot_file(source.name, "thresholds", days[0], days[-1])
     title = f"{source.name} model {day}: training scores {window[0]}..{window[-1]}" + (
         " (cold start)" if cold_start else ""
     )
-    thresholds = {name: threshold.value for name, threshold in model.thresholds.items()}
-    atomic_write_bytes(plot, plots.threshold_histogram(model.training_scores, thresholds, title))
+    if source.entity is not None:
+        title += f", per {source.entity} as score / threshold"
+    atomic_write_bytes(plot, plots.threshold_histogram(training_scores, thresholds, title))
     output = AssetOutput("model", frames, written, [plot])
-    output.summary["cold_start_days"] = sum(bool(frame["cold_start"].iloc[0]) for frame in frames.values())
+    output.summary["cold_start_days"] = sum(bool(frame["cold_start"].any()) for frame in frames.values())
     return _record(context, [output])
+
+
+def _train_entities(
+    source: SourceConfig,
+    day: date,
+    history: pd.DataFrame,
+    today: pd.DataFrame,
+    cold_start: bool,
+    labels: pd.Series | None,
+) -> dict[str, modeling.TrainedModel]:
+    """One model per entity of ``day``, on that entity's rows of the training window.
+
+    An entity with no earlier rows (new today, or the source's first day) is fitted on its own day
+    and marked ``cold_start``, as a new source is.
+    """
+    past = {} if cold_start else dict(entities.split(source, history))
+    models = {}
+    for entity, rows in entities.split(source, today):
+        earlier = past.get(entity)
+        try:
+            if earlier is not None and len(earlier):
+                seen = sorted(set(pd.DatetimeIndex(earlier["bucket_start"]).date))
+                models[entity] = modeling.train(source, earlier, seen, False, labels)
+            else:
+                models[entity] = modeling.train(source, rows, [day], True, labels)
+        except ValueError as error:
+            raise ValueError(f"{source.name} {source.entity}={entity!r} on {day}: {error}") from None
+    return models
+
+
+def _entity_model_summary(source: SourceConfig, models: dict[str, modeling.TrainedModel]) -> pd.DataFrame:
+    summaries = [
+        entities.with_entity(source, modeling.model_summary(source, model), entity)
+        for entity, model in models.items()
+    ]
+    if not summaries:
+        return pd.DataFrame({source.entity: pd.Series(dtype=object), "cold_start": pd.Series(dtype=bool)})
+    return pd.concat(summaries, ignore_index=True)
+
+
+def _pooled_training_scores(
+    source: SourceConfig, models: dict[str, modeling.TrainedModel]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every entity's training scores over its own threshold, pooled per detector: one histogram
+    per detector whose threshold line is 1 for every entity."""
+    pooled = {}
+    for detector in source.detectors:
+        parts = []
+        for model in models.values():
+            value = model.thresholds[detector.name].value
+            parts.append(model.training_scores[detector.name] / value if value > 0 else np.full(1, np.nan))
+        pooled[detector.name] = np.concatenate(parts) if parts else np.array([np.nan])
+    return pooled, {name: 1.0 for name in pooled}
 
 
 # --- scores --------------------------------------------------------------------------------------
@@ -266,21 +399,30 @@ def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
     frames = {}
     for day in days:
         features = warehouse.read_partitions(source.name, "features", [day])
-        detectors, document = load_detectors(model_path(warehouse, source, day))
-        thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
-        frames[day] = modeling.score(source, features, detectors, thresholds)
+        if source.entity is None:
+            detectors, document = load_detectors(model_path(warehouse, source, day))
+            thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
+            frames[day] = modeling.score(source, features, detectors, thresholds)
+        else:
+            models = entities.load_entity_models(model_path(warehouse, source, day))
+            frames[day] = entities.per_entity(
+                source,
+                features,
+                lambda entity, rows, models=models: modeling.score(source, rows, *models[entity]),
+            )
     output = _write(context, "scores", frames, [Upstream("features"), Upstream("model")])
     window = f"{days[0]}" if len(days) == 1 else f"{days[0]}..{days[-1]}"
     all_scores = pd.concat(frames.values(), ignore_index=True)
+    all_features = warehouse.read_partitions(source.name, "features", days)
+    shown = entities.busiest_entity(source, all_scores)
+    if shown is not None:  # one entity per plot: the one with the most flagged buckets
+        all_scores = all_scores[all_scores[source.entity] == shown]
+        all_features = all_features[all_features[source.entity] == shown]
+        window += f" {source.entity}={shown}"
     series = warehouse.plot_file(source.name, "scores", days[0], days[-1])
     atomic_write_bytes(
         series,
-        plots.series_plot(
-            warehouse.read_partitions(source.name, "features", days),
-            all_scores,
-            source.series_columns,
-            f"{source.name} {window}",
-        ),
+        plots.series_plot(all_features, all_scores, source.series_columns, f"{source.name} {window}"),
     )
     lead = source.ensemble_detectors[0]
     attribution = warehouse.plot_file(source.name, "attribution", days[0], days[-1])
@@ -298,19 +440,23 @@ SAMPLE_EVENTS = 5
 
 
 def _peak_samples(
-    warehouse: Warehouse, source: SourceConfig, day: date, peaks: pd.Series, bucket: pd.Timedelta
+    warehouse: Warehouse, source: SourceConfig, day: date, incidents: pd.DataFrame, bucket: pd.Timedelta
 ) -> list[str | None]:
-    """A few raw events of each peak bucket (with file and line), so a person can look at the logs."""
+    """A few raw events of each peak bucket (of its entity), with file and line, so a person can
+    look at the logs."""
     path = warehouse.partition_file(source.name, "raw_events", day)
-    if not path.exists() or peaks.empty:
-        return [None] * len(peaks)
+    if not path.exists() or incidents.empty:
+        return [None] * len(incidents)
+    same_entity = "" if source.entity is None else f"AND {entities.entity_sql(source)} = ? "
     samples = []
     with warehouse.reading(), duckdb.connect() as connection:
-        for peak in peaks:
+        for _, incident in incidents.iterrows():
+            peak = incident["peak_bucket"]
             rows = connection.execute(
                 f"SELECT * FROM read_parquet({quote_literal(str(path))}) WHERE timestamp >= ? AND timestamp < ? "
-                f"ORDER BY timestamp, source_file, line LIMIT {SAMPLE_EVENTS}",
-                [peak.to_pydatetime(), (peak + bucket).to_pydatetime()],
+                f"{same_entity}ORDER BY timestamp, source_file, line LIMIT {SAMPLE_EVENTS}",
+                [peak.to_pydatetime(), (peak + bucket).to_pydatetime()]
+                + ([incident[source.entity]] if source.entity is not None else []),
             ).df()
             samples.append(rows.to_json(orient="records", date_format="iso"))
     return samples
@@ -322,10 +468,21 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
     bucket = pd.Timedelta(minutes=source.bucket_minutes)
     for day in days:
         scores = warehouse.read_partitions(source.name, "scores", [day])
-        features = warehouse.read_partitions(source.name, "features", [day])
-        anomalies[day] = modeling.anomalies_from_scores(scores, features, source.series_columns)
-        found = merge_incidents(anomalies[day], bucket, source.incident_gap_buckets, source.series_columns)
-        found["sample_events"] = _peak_samples(warehouse, source, day, found["peak_bucket"], bucket)
+        features = dict(entities.split(source, warehouse.read_partitions(source.name, "features", [day])))
+        anomalies[day] = entities.per_entity(
+            source,
+            scores,
+            lambda entity, rows, features=features: modeling.anomalies_from_scores(
+                rows, features[entity], source.series_columns
+            ),
+        )
+        found = entities.per_entity(  # incidents never span two entities
+            source,
+            anomalies[day],
+            lambda _, rows: merge_incidents(rows, bucket, source.incident_gap_buckets, source.series_columns),
+            sorted(features) if source.entity is not None else None,
+        )
+        found["sample_events"] = _peak_samples(warehouse, source, day, found, bucket)
         incidents[day] = found
     outputs = [
         _write(context, "anomalies", anomalies, [Upstream("scores"), Upstream("features")]),
@@ -351,6 +508,15 @@ def run_evaluation(context: StageContext) -> AssetOutput | None:
     if labels is None or not days:
         return None
     scores = warehouse.read_partitions(source.name, "scores", days)
+    features = warehouse.read_partitions(source.name, "features", days)
+    if source.entity is not None:
+        # labels name buckets, not entities: a bucket is flagged when any entity's is; the series
+        # plot shows the entity with the most flagged buckets
+        shown = entities.busiest_entity(source, scores)
+        features = features[features[source.entity] == shown]
+        scores = scores.groupby(["bucket_start", "detector"], as_index=False).agg(
+            is_anomaly=("is_anomaly", "any"), normalized=("normalized", "max")
+        )
     table = evaluation_table(scores, labels, source.bucket_minutes)
     truth = labels.reindex(pd.DatetimeIndex(scores["bucket_start"]), fill_value=False).to_numpy()
     curves = {
@@ -358,7 +524,6 @@ def run_evaluation(context: StageContext) -> AssetOutput | None:
         for name, frame in scores.reset_index(drop=True).groupby("detector")
     }
     ensemble = scores[scores["detector"] == modeling.ENSEMBLE].sort_values("bucket_start")
-    features = warehouse.read_partitions(source.name, "features", days)
     lead_detector = next(d for d in source.detectors if d.name == source.ensemble_detectors[0])
     lead = next((f for f in lead_detector.features if f in source.series_columns), source.series_columns[0])
     series = pd.DataFrame(
@@ -390,7 +555,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "resample",
         ("resampled",),
-        lambda s: (Upstream("raw_events"),),
+        _resample_upstream,
         run_resample,
         "Events → one row per bucket, empty buckets as zeros.",
     ),

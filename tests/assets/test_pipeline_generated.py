@@ -61,7 +61,7 @@ def test_every_asset_materialized_for_every_day(materialized):
 def test_asset_checks_pass(materialized):
     _, result = materialized
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"complete_buckets", "quarantine_rate", "alert_rate"}
+    assert set(evaluations) == {"complete_buckets", "quarantine_rate", "alert_rate", "stream_vs_batch"}
     assert evaluations["complete_buckets"].passed
     assert evaluations["quarantine_rate"].passed
 
