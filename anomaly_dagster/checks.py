@@ -8,6 +8,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 
+from anomaly_dagster import entities
 from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.features import day_buckets
 from anomaly_dagster.modeling import ENSEMBLE
@@ -25,15 +26,23 @@ def complete_buckets(source: SourceConfig, frames: dict[date, pd.DataFrame]) -> 
     """Every day (of every entity, with an entity column) has exactly its bucket grid: no gap, no
     duplicate, no stray bucket. An entity source with no entity on a day fails: nothing reported."""
     problems = {}
+    counts = []
     for day, frame in sorted(frames.items()):
         expected = day_buckets(source, day).as_unit("us")
-        actual = pd.DatetimeIndex(frame["bucket_start"]).as_unit("us")
-        missing, extra = expected.difference(actual), actual.difference(expected)
-        duplicated = int(actual.duplicated().sum())
-        if len(missing) or len(extra) or duplicated:
-            problems[day.isoformat()] = (
-                f"{len(actual)} rows: {len(missing)} missing, {len(extra)} outside the day, {duplicated} duplicated"
-            )
+        series = list(entities.split(source, frame))
+        counts.append(len(series))
+        if not series:
+            problems[day.isoformat()] = f"no {source.entity} has events on the day or the day before"
+        for entity, rows in series:
+            actual = pd.DatetimeIndex(rows["bucket_start"]).as_unit("us")
+            missing, extra = expected.difference(actual), actual.difference(expected)
+            duplicated = int(actual.duplicated().sum())
+            if len(missing) or len(extra) or duplicated:
+                where = day.isoformat() if entity is None else f"{day} {source.entity}={entity}"
+                problems[where] = (
+                    f"{len(actual)} rows: {len(missing)} missing, {len(extra)} outside the day, "
+                    f"{duplicated} duplicated"
+                )
     if problems:
         where = "day(s)" if source.entity is None else f"day(s) or {source.entity} value(s)"
         return CheckOutcome(False, f"incomplete bucket grid on {len(problems)} {where}", problems)
