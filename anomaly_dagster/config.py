@@ -197,6 +197,9 @@ class SourceConfig(_Strict):
     labels: LabelsConfig | None = None
     streaming: StreamingConfig = StreamingConfig()
     max_field_length: int = Field(1024, ge=1)
+    # a string column naming the series a row belongs to (e.g. sensor_id): one series per value,
+    # with its own bucket grid, lags, models and incidents; None is one series for the source
+    entity: Identifier | None = None
     # where ingest and resample run; ANOMALY_ENGINE overrides it for a run (see stage_engine)
     engine: Literal["duckdb", "spark"] = "duckdb"
 
@@ -205,14 +208,14 @@ class SourceConfig(_Strict):
     def _name(cls, value: str) -> str:
         return validate_identifier(value, "source name")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> SourceConfig:
-        if 1440 % self.bucket_minutes:
     @field_validator("entity")
     @classmethod
     def _entity(cls, value: str | None) -> str | None:
         return None if value is None else validate_identifier(value, "entity column")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceConfig:
+        if 1440 % self.bucket_minutes:
             raise ValueError(f"bucket_minutes {self.bucket_minutes} must divide a day (1440 minutes)")
         raw = [column.name for column in self.columns]
         if self.timestamp.column in raw:
@@ -235,11 +238,11 @@ class SourceConfig(_Strict):
                 )
             known.append(derived.name)
         _unique(known, "metric or derived")
+        if self.entity is not None:
+            _check_entity(self.entity, self.columns, known)
         features = set(self.feature_columns)
         for detector in self.detectors:
             missing = sorted(set(detector.features) - features)
-        if self.entity is not None:
-            _check_entity(self.entity, self.columns, known)
             if missing:
                 raise ValueError(
                     f"detector {detector.name!r} uses unknown features {missing}; available: {sorted(features)}"
@@ -282,9 +285,6 @@ class SourceConfig(_Strict):
         return [*self.series_columns, "tod_sin", "tod_cos", "slot", *lagged]
 
 
-def _unique(names: list[str], what: str) -> None:
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
 # columns of the per-bucket tables (features, scores, anomalies, incidents) an entity must not shadow
 RESERVED_COLUMNS = frozenset(
     {"bucket_start", "slot", "tod_sin", "tod_cos", "date", "detector", "detectors", "score", "threshold"}
@@ -304,6 +304,9 @@ def _check_entity(entity: str, columns: list[ColumnConfig], series: list[str]) -
         raise ValueError(f"entity column {entity!r} clashes with a metric, derived or table column name")
 
 
+def _unique(names: list[str], what: str) -> None:
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
         raise ValueError(f"duplicate {what} names: {duplicates}")
 
 
