@@ -105,6 +105,9 @@ class DetectorConfig(_Strict):
     kind: str
     features: list[Identifier]
     params: dict[str, Any] = Field(default_factory=dict)
+    # this detector's own calibration (e.g. a fixed 6 for a z-score, already in sd units); None:
+    # the source's ``threshold``
+    threshold: ThresholdConfig | None = None
 
     @field_validator("name")
     @classmethod

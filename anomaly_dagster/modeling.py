@@ -90,7 +90,9 @@ def train(
             detector.fit(features)
         scores = detector.score(features)
         detectors[config.name] = detector
-        thresholds[config.name] = calibrate(scores, source.threshold, labels=training_labels)
+        thresholds[config.name] = calibrate(
+            scores, config.threshold or source.threshold, labels=training_labels
+        )
         training_scores[config.name] = scores
     return TrainedModel(detectors, thresholds, days, cold_start, training_scores)
 

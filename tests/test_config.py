@@ -50,7 +50,7 @@ def config_error(tmp_path: Path, document: dict[str, Any]) -> tuple[Path, str]:
 
 def test_shipped_clickstream_source_loads() -> None:
     sources = load_sources([PACKAGE_SOURCES_DIR])
-    assert list(sources) == ["clickstream"]
+    assert list(sources) == ["clickstream", "sensors"]
     source = sources["clickstream"]
     assert source.start_date == date(2020, 7, 7)
     assert source.timestamp.column == "timestamp"
@@ -118,7 +118,7 @@ def test_extra_directory_overrides_shipped_source_by_name(
     write_source(tmp_path, other, "other.yaml")
     monkeypatch.setenv("ANOMALY_SOURCES_DIR", str(tmp_path))
     sources = load_sources()
-    assert sorted(sources) == ["clickstream", "other_logs"]
+    assert sorted(sources) == ["clickstream", "other_logs", "sensors"]
     assert sources["clickstream"].bucket_minutes == 5
     assert sources["other_logs"].bucket_minutes == 10
 
