@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly_dagster.generate import GeneratedLogs, InjectedIncident, _plan_faults, generate_clickstream
+from anomaly_dagster.evaluation import load_labels
+from anomaly_dagster.generate import (
+    SENSOR_START,
+    GeneratedLogs,
+    InjectedIncident,
+    _plan_faults,
+    generate_clickstream,
+    generate_sensors,
+)
 
 DAYS = 10
 COLUMNS = ["timestamp", "page", "user", "session_id"]
@@ -252,3 +260,95 @@ def test_a_single_day_has_no_incidents(tmp_path: Path) -> None:
     assert result.labels.read_text() == "start,end,kind\n"
     with pytest.raises(ValueError, match="days"):
         generate_clickstream(tmp_path / "landing", days=0)
+
+
+# --- sensors ---------------------------------------------------------------------------------------
+
+SENSOR_DAYS = 4
+
+
+@pytest.fixture(scope="module")
+def sensor_logs(tmp_path_factory: pytest.TempPathFactory) -> GeneratedLogs:
+    return generate_sensors(tmp_path_factory.mktemp("sensors") / "landing", days=SENSOR_DAYS, seed=9)
+
+
+@pytest.fixture(scope="module")
+def readings(sensor_logs: GeneratedLogs) -> pd.DataFrame:
+    frame = pd.concat(
+        [pd.read_csv(path, dtype={"sensor_id": str}) for path in sensor_logs.files], ignore_index=True
+    )
+    frame["ts"] = pd.to_datetime(frame["timestamp"], format="%Y-%m-%d %H:%M:%S")
+    frame["bucket"] = frame["ts"].dt.floor("10min")
+    return frame
+
+
+def test_sensor_files_hold_a_few_sensors_near_25_degrees_and_1012_hpa(
+    sensor_logs: GeneratedLogs, readings: pd.DataFrame
+) -> None:
+    assert [path.name for path in sensor_logs.files] == [
+        f"sensors_{SENSOR_START + timedelta(days=day)}.csv.gz" for day in range(SENSOR_DAYS)
+    ]
+    assert readings.columns[:4].tolist() == ["timestamp", "sensor_id", "temperature", "pressure"]
+    assert sorted(readings["sensor_id"].unique()) == ["s01", "s02", "s03"]
+    normal = readings[readings["temperature"] < 60]
+    assert 18 < normal["temperature"].median() < 32 and 1000 < normal["pressure"].median() < 1024
+    per_bucket = readings.groupby(["sensor_id", "bucket"]).size()
+    assert per_bucket.median() == 20  # one reading every 30 s
+    levels = normal.groupby("sensor_id")["temperature"].median()
+    assert levels.max() - levels.min() > 0.5  # each sensor has its own level
+
+
+def test_sensor_faults_look_like_their_labels(sensor_logs: GeneratedLogs, readings: pd.DataFrame) -> None:
+    kinds = {incident.kind for incident in sensor_logs.incidents}
+    assert {"spike", "dropout"} <= kinds
+    assert all(
+        incident.start.date() > SENSOR_START for incident in sensor_logs.incidents
+    )  # not the cold start
+    for incident in sensor_logs.incidents:
+        rows = readings[
+            (readings["sensor_id"] == incident.entity)
+            & readings["bucket"].between(incident.start, incident.end)
+        ]
+        if incident.kind == "spike":
+            assert ((rows["temperature"] == 100.0) & (rows["pressure"] == 950.0)).sum() == 1
+        elif incident.kind == "dropout":
+            assert rows.empty
+        elif incident.kind == "stuck":
+            assert rows["temperature"].nunique() == 1 and rows["pressure"].nunique() == 1
+        else:  # drift: the end of the ramp is degrees above the bucket before it starts
+            before = readings[
+                (readings["sensor_id"] == incident.entity)
+                & (readings["bucket"] == incident.start - timedelta(minutes=10))
+            ]
+            assert rows["temperature"].tail(20).mean() - before["temperature"].mean() > 1.5
+    spikes = readings[readings["temperature"] == 100.0]
+    assert len(spikes) == sum(incident.kind == "spike" for incident in sensor_logs.incidents)
+
+
+def test_sensor_labels_name_the_sensor_and_read_like_clickstream_labels(sensor_logs: GeneratedLogs) -> None:
+    assert sensor_logs.labels == sensor_logs.files[0].parent.parent / "labels" / "sensors_labels.csv"
+    table = pd.read_csv(sensor_logs.labels, parse_dates=["start", "end"])
+    assert table.columns.tolist() == ["start", "end", "kind", "sensor_id"]
+    assert table["sensor_id"].tolist() == [incident.entity for incident in sensor_logs.incidents]
+    labelled = load_labels(
+        sensor_logs.labels, 10
+    )  # the reader of clickstream labels; the 4th column is extra
+    assert set(labelled.index) == {
+        bucket
+        for incident in sensor_logs.incidents
+        for bucket in pd.date_range(incident.start, incident.end, freq="10min")
+    }
+
+
+def test_sensor_generation_is_deterministic_and_one_sensor_has_no_id_column(tmp_path: Path) -> None:
+    first = generate_sensors(tmp_path / "a" / "landing", days=2, seed=4)
+    again = generate_sensors(tmp_path / "b" / "landing", days=2, seed=4)
+    assert decompressed(first) == decompressed(again)
+    single = generate_sensors(tmp_path / "c" / "landing", days=2, seed=4, sensors=1)
+    assert (
+        gzip.decompress(single.files[0].read_bytes()).decode().splitlines()[0]
+        == "timestamp,temperature,pressure"
+    )
+    assert single.labels.read_text().splitlines()[0] == "start,end,kind"
+    with pytest.raises(ValueError, match="sensors"):
+        generate_sensors(tmp_path / "d", days=2, sensors=0)
