@@ -385,17 +385,35 @@ def _shown(expression: str) -> str:
 
 
 def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
-    """SELECT over ``landed`` giving typed columns plus ``reason`` (NULL for a good row)."""
+    """SELECT over ``landed`` giving typed columns plus ``reason`` (NULL for a good row).
+
+    Built in layers so that each costly expression runs once per row: trimmed values and the
+    parsed timestamp are computed once and reused by the checks and the output; the offset and
+    control-character regexes run only on rows a cheap test cannot clear. Good rows keep their raw
+    text too: a replayed event is quarantined with it.
+    """
     ts = quote_identifier(source.timestamp.column)
+    zone, fmt = source.timestamp.timezone, source.timestamp.format
     # an offset after a space (10:00:00 +02:00) is an offset too
-    offset_joined = rf"regexp_replace(trim({ts}), '\s+([+-]\d{{2}}(?::?\d{{2}})?)$', '\1')"
-    offset_hours = rf"regexp_extract(trim({ts}), ':\d{{2}}(?:\.\d+)?\s*([+-]\d{{2}})(?::?\d{{2}})*$', 1)"
-    parsed = (
-        f"timezone('UTC', coalesce(timezone({quote_literal(source.timestamp.timezone)}, "
-        f"try_strptime(trim({ts}), {quote_literal(source.timestamp.format)})), "
-        f"try_cast({offset_joined} AS TIMESTAMPTZ)))"
+    offset_joined = r"regexp_replace(__ts, '\s+([+-]\d{2}(?::?\d{2})?)$', '\1')"
+    offset_hours = r"regexp_extract(__ts, ':\d{2}(?:\.\d+)?\s*([+-]\d{2})(?::?\d{2})*$', 1)"
+    if zone == "UTC" and "%z" not in fmt:  # the zone conversions of a naive UTC time are the identity
+        parsed = (
+            f"coalesce(try_strptime(__ts, {quote_literal(fmt)}), "
+            f"timezone('UTC', try_cast({offset_joined} AS TIMESTAMPTZ)))"
+        )
+    else:
+        parsed = (
+            f"timezone('UTC', coalesce(timezone({quote_literal(zone)}, try_strptime(__ts, {quote_literal(fmt)})), "
+            f"try_cast({offset_joined} AS TIMESTAMPTZ)))"
+        )
+    # an offset follows a ':' (of the time), so without a sign after the first ':' there is none
+    after_colon = "substr(__ts, strpos(__ts, ':'))"
+    signed = f"strpos(__ts, ':') > 0 AND (contains({after_colon}, '+') OR contains({after_colon}, '-'))"
+    bad_offset = (
+        f"CASE WHEN {signed} THEN coalesce(abs(try_cast(nullif({offset_hours}, '') AS INTEGER)) "
+        f"> {MAX_OFFSET_HOURS}, false) ELSE false END"
     )
-    bad_offset = f"coalesce(abs(try_cast(nullif({offset_hours}, '') AS INTEGER)) > {MAX_OFFSET_HOURS}, false)"
     earliest = quote_literal(source.start_date.isoformat())
     latest = quote_literal((datetime.now(UTC) + timedelta(days=2)).date().isoformat())
     limit = source.max_field_length
@@ -407,27 +425,32 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
         if kind == "jsonl"
         else None,
         f"WHEN length({ts}) > {limit} THEN 'field {source.timestamp.column} longer than {limit} characters'",
-        f"WHEN {ts} IS NULL OR trim({ts}) = '' THEN 'missing timestamp'",
+        "WHEN __ts IS NULL OR __ts = '' THEN 'missing timestamp'",
         f"WHEN bad_offset THEN 'timestamp offset beyond ±{MAX_OFFSET_HOURS}:00 ' || {_shown(ts)}",
         f"WHEN ts_utc IS NULL THEN 'unparseable timestamp ' || {_shown(ts)}",
         f"WHEN ts_utc < {earliest}::TIMESTAMP OR ts_utc >= {latest}::TIMESTAMP "
         "THEN 'timestamp outside the source range ' || strftime(ts_utc, '%Y-%m-%d %H:%M:%S')",
     ]
+    control = quote_literal(CONTROL_CHARACTERS)
+    names = [quote_identifier(column.name) for column in source.columns]
+    prepared = [
+        f"trim({ts}) AS __ts",
+        f"regexp_matches(concat_ws('', {', '.join(names)}), {control}) AS __control",
+    ]
     typed = []
-    for column in source.columns:
-        name = quote_identifier(column.name)
-        value = f"nullif(trim({name}), '')"
+    for index, (column, name) in enumerate(zip(source.columns, names, strict=True)):
+        value, number = f"__value_{index}", f"__number_{index}"
+        prepared.append(f"nullif(trim({name}), '') AS {value}")
         checks.append(
             f"WHEN length({name}) > {limit} THEN 'field {column.name} longer than {limit} characters'"
         )
         checks.append(
-            f"WHEN regexp_matches({name}, {quote_literal(CONTROL_CHARACTERS)}) "
-            f"THEN 'control characters in {column.name}'"
+            f"WHEN __control AND regexp_matches({name}, {control}) THEN 'control characters in {column.name}'"
         )
         if column.required:
             checks.append(f"WHEN {value} IS NULL THEN 'missing {column.name}'")
         if column.type == "number":
-            number = f"try_cast({value} AS DOUBLE)"
+            prepared.append(f"try_cast(nullif(trim({name}), '') AS DOUBLE) AS {number}")
             checks.append(
                 f"WHEN {value} IS NOT NULL AND {number} IS NULL THEN 'not a number in {column.name}'"
             )
@@ -440,24 +463,20 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
         else:
             typed.append(f"{value} AS {name}")
     reason = "CASE " + " ".join(check for check in checks if check) + " END"
-    raw = (
-        TEXT_COLUMN
-        if kind == "jsonl"
-        else "concat_ws(',', "
-        + ", ".join(quote_identifier(n) for n in [source.timestamp.column, *(c.name for c in source.columns)])
-        + ")"
-    )
+    raw = TEXT_COLUMN if kind == "jsonl" else f"concat_ws(',', {ts}, {', '.join(names)})"
     capped = (
         f"CASE WHEN length({raw}) > {RAW_MAX_CHARS} THEN left({raw}, {RAW_MAX_CHARS}) || '… [' || "
         f"(length({raw}) - {RAW_MAX_CHARS}) || ' more characters]' ELSE {raw} END"
     )
     in_range = f"ts_utc >= {earliest}::TIMESTAMP AND ts_utc < {latest}::TIMESTAMP"
     return (
-        f"SELECT line, ts_utc AS timestamp, {', '.join(typed)}, {reason} AS reason, {capped} AS raw, "
+        f"SELECT line, ts_utc AS timestamp, {', '.join(typed)}, reason, "
+        f"{capped} AS raw, "
         f"{quote_literal(str(path))} AS source_file, CASE WHEN {in_range} THEN CAST(ts_utc AS DATE) END AS day "
+        f"FROM (SELECT *, {reason} AS reason "
         # a value without a digit is no time (DuckDB's strptime reads 'infinity' and 'epoch' as 1900-01-01)
         f"FROM (SELECT *, CASE WHEN NOT bad_offset AND regexp_matches({ts}, '\\d') THEN {parsed} END AS ts_utc "
-        f"FROM (SELECT *, {bad_offset} AS bad_offset FROM landed))"
+        f"FROM (SELECT *, {bad_offset} AS bad_offset FROM (SELECT *, {', '.join(prepared)} FROM landed))))"
     )
 
 
@@ -624,6 +643,7 @@ class LandingIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, LandingFile] = {}
+        self._changed = False
         if path.exists():
             self.entries = {key: LandingFile(**value) for key, value in json.loads(path.read_text()).items()}
 
@@ -631,26 +651,52 @@ class LandingIndex:
         """Entries for ``files``, reading only those that are new or changed; persists the index."""
         connection = duckdb.connect()
         result = []
-        changed = False
         for path in files:
-            stat = path.stat()
-            entry = self.entries.get(str(path))
-            if entry is None or (entry.size, entry.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-                entry = _index_file(connection, source, path, stat.st_size, stat.st_mtime_ns)
-                self.entries[str(path)] = entry
-                changed = True
+            entry = self.current(path)
+            if entry is None:
+                stat = path.stat()
+                entry = self.add(_index_file(connection, source, path, stat.st_size, stat.st_mtime_ns))
             result.append(entry)
         connection.close()
-        if changed:
+        self.save()
+        return result
+
+    def current(self, path: Path) -> LandingFile | None:
+        """The entry of ``path`` while its size and modification time are unchanged, else None."""
+        entry, stat = self.entries.get(str(path)), path.stat()
+        if entry is None or (entry.size, entry.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            return None
+        return entry
+
+    def add(self, entry: LandingFile) -> LandingFile:
+        self.entries[entry.path] = entry
+        self._changed = True
+        return entry
+
+    def save(self) -> None:
+        """Persist the index if entries were added since it was read."""
+        if self._changed:
             document = {key: asdict(value) for key, value in sorted(self.entries.items())}
             atomic_write_bytes(self.path, json.dumps(document, indent=1).encode())
-        return result
+            self._changed = False
 
 
 def _index_file(
     connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path, size: int, mtime_ns: int
 ) -> LandingFile:
     readable, _ = load_file(connection, source, path)
+    return _indexed(connection, source, path, size, mtime_ns, readable)
+
+
+def _indexed(
+    connection: duckdb.DuckDBPyConnection,
+    source: SourceConfig,
+    path: Path,
+    size: int,
+    mtime_ns: int,
+    readable: bool,
+) -> LandingFile:
+    """The index entry of a file just read by :func:`load_file` (its rows are in ``typed``)."""
     days = [
         row[0].isoformat()
         for row in connection.execute(
@@ -693,19 +739,46 @@ class IngestedWindow:
 
 def ingest_window(source: SourceConfig, entries: list[LandingFile], days: list[date]) -> IngestedWindow:
     """Read every file touching ``days`` once into a DuckDB ``events`` table; collect quarantine."""
+    return _ingest(source, [(Path(entry.path), entry) for entry in entries], days, None)
+
+
+def ingest_landing(
+    source: SourceConfig, index: LandingIndex, paths: list[Path], days: list[date]
+) -> IngestedWindow:
+    """:meth:`LandingIndex.refresh` and :func:`ingest_window` in one pass: a new or changed file is read
+    once, indexed from that read and, when it touches ``days``, ingested from it too (reading it a
+    second time for the index was half of a first ingest's time). The index is saved."""
+    window = _ingest(source, [(path, index.current(path)) for path in paths], days, index)
+    index.save()
+    return window
+
+
+def _ingest(
+    source: SourceConfig,
+    candidates: list[tuple[Path, LandingFile | None]],
+    days: list[date],
+    index: LandingIndex | None,
+) -> IngestedWindow:
+    """Files whose entry is None are read, then indexed into ``index``; the others only when they touch ``days``."""
     wanted = set(days)
     connection = duckdb.connect()
     connection.execute(f"CREATE TEMP TABLE events AS {_empty_typed(source)}")
     quarantine: dict[date, list[pd.DataFrame]] = {day: [] for day in days}
     files: dict[date, list[str]] = {day: [] for day in days}
-    for entry in sorted(entries, key=lambda entry: entry.path):
+    for path, known in sorted(candidates, key=lambda candidate: str(candidate[0])):
+        if known is not None and not known.touched_days & wanted:
+            continue
+        readable, file_rows = load_file(connection, source, path)
+        if known is None:  # new or changed: indexed from this read (only ingest_landing passes these)
+            assert index is not None
+            stat = path.stat()
+            known = index.add(_indexed(connection, source, path, stat.st_size, stat.st_mtime_ns, readable))
+        entry = known
         touched = entry.touched_days & wanted
         if not touched:
             continue
         for day in touched:
             files[day].append(entry.path)
-        path = Path(entry.path)
-        readable, file_rows = load_file(connection, source, path)
         home = quarantine_day(entry)
         if home in wanted and len(file_rows):
             quarantine[home].append(file_rows)
@@ -742,6 +815,8 @@ def _take_replayed_events(connection: duckdb.DuckDBPyConnection, source: SourceC
     (by path) keeps max(k, m) copies: identical events within a file are separate events, copies
     across files are replays. The result does not depend on which file is read first.
     """
+    if not _files_overlap(connection):
+        return pd.DataFrame(columns=[*QUARANTINE_COLUMNS, "day"])
     key = ", ".join(
         quote_identifier(name) for name in ["timestamp", *(column.name for column in source.columns)]
     )
@@ -762,6 +837,21 @@ def _take_replayed_events(connection: duckdb.DuckDBPyConnection, source: SourceC
     ).df()
     connection.execute("DROP TABLE replayed")
     return rows
+
+
+def _files_overlap(connection: duckdb.DuckDBPyConnection) -> bool:
+    """Whether two files' event time ranges overlap: a replay repeats a timestamp, so without an
+    overlap there is none, and the windowed sort over every event can be skipped (logs usually
+    follow each other in time)."""
+    ranges = connection.execute(
+        "SELECT min(timestamp), max(timestamp) FROM events GROUP BY source_file ORDER BY 1"
+    ).fetchall()
+    reach = None
+    for start, end in ranges:
+        if reach is not None and start <= reach:
+            return True
+        reach = end if reach is None else max(reach, end)
+    return False
 
 
 def _concat_quarantine(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -118,7 +118,7 @@ def run_ingest(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     files = ingest.discover(source, context.landing_dir)
     index = ingest.LandingIndex(warehouse.asset_dir(source.name, "landing_index") / "index.json")
-    window = ingest.ingest_window(source, index.refresh(source, files), days)
+    window = ingest.ingest_landing(source, index, files, days)
     events_written = []
     counts: dict[date, pd.DataFrame] = {}
     for day in days:

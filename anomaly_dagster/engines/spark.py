@@ -826,8 +826,8 @@ def run_ingest_spark(context: StageContext, days: list[date], spark: SparkSessio
 
 def _aggregation(metric: MetricConfig) -> Column:
     """The DuckDB engine's aggregations: exact distinct counts, exact interpolated p95."""
-    if metric.agg == "count":
-        return F.count(F.lit(1)).alias(metric.name)
+    if metric.agg == "count":  # with a column: its non-null values, as DuckDB's count(column)
+        return F.count(F.col(metric.column) if metric.column else F.lit(1)).alias(metric.name)
     aggregate = {
         "nunique": F.count_distinct,
         "sum": F.sum,
@@ -848,6 +848,11 @@ def _bucket_grid(source: SourceConfig, days: Iterable[date]) -> pd.DataFrame:
 def run_resample_spark(context: StageContext, days: list[date], spark: SparkSession) -> list[AssetOutput]:
     """``pipeline.run_resample`` on Spark: one row per bucket of each day, zeros for empty count buckets."""
     source, warehouse = context.source, context.warehouse
+    if source.entity is not None:  # per-entity grids are the DuckDB engine's alone
+        raise ValueError(
+            f"{source.name}: the Spark engine resamples sources without an entity column; "
+            f"use engine: duckdb for {source.name} (entity {source.entity!r})"
+        )
     _configure(spark)
     paths = (warehouse.partition_file(source.name, "raw_events", day) for day in days)
     files = [path for path in paths if path.exists()]
