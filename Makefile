@@ -13,6 +13,10 @@ DEMO_DIR := $(CURDIR)/data/demo
 DEMO_START := 2020-07-07
 DEMO_END := 2020-07-20
 DEMO_DAYS := 14
+# the sensors source (three sensors, one series each) runs beside it on a few days of its own
+SENSORS_START := 2024-03-01
+SENSORS_END := 2024-03-05
+SENSORS_DAYS := 5
 # one process for the whole chain (stages run in order anyway), INFO-level logs
 RUN_CONFIG := {"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -34,10 +38,15 @@ setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(BIN)/anomaly-dagster generate clickstream --days $(DEMO_DAYS) --start $(DEMO_START) --out $(DEMO_DIR)/landing
+	$(BIN)/anomaly-dagster generate sensors --days $(SENSORS_DAYS) --start $(SENSORS_START) --out $(DEMO_DIR)/landing
 	$(MAKE) --no-print-directory backfill SOURCE=clickstream START=$(DEMO_START) END=$(DEMO_END) \
+		ANOMALY_LANDING_DIR=$(DEMO_DIR)/landing ANOMALY_WAREHOUSE_DIR=$(DEMO_DIR)/warehouse
+	$(MAKE) --no-print-directory backfill SOURCE=sensors START=$(SENSORS_START) END=$(SENSORS_END) \
 		ANOMALY_LANDING_DIR=$(DEMO_DIR)/landing ANOMALY_WAREHOUSE_DIR=$(DEMO_DIR)/warehouse
 	$(BIN)/anomaly-dagster report clickstream --warehouse $(DEMO_DIR)/warehouse \
 		--labels $(DEMO_DIR)/labels/clickstream_labels.csv
+	$(BIN)/anomaly-dagster report sensors --warehouse $(DEMO_DIR)/warehouse \
+		--labels $(DEMO_DIR)/labels/sensors_labels.csv
 
 # Headless Chromium for tests/ui: Debian's package (Playwright never downloads a browser)
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)

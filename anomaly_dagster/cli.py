@@ -48,7 +48,9 @@ def _report(args: argparse.Namespace) -> int:
         print(incidents.to_string(index=False) if len(incidents) else "(no incidents)")
     if args.labels:
         scores = warehouse.query(
-            f"SELECT bucket_start, is_anomaly FROM \"{name}\".scores WHERE detector = 'ensemble' ORDER BY 1"
+            # a bucket is flagged when any entity's is (one row per bucket without entities)
+            f'SELECT bucket_start, bool_or(is_anomaly) AS is_anomaly FROM "{name}".scores '
+            "WHERE detector = 'ensemble' GROUP BY 1 ORDER BY 1"
         )
         predicted = pd.Series(scores["is_anomaly"].to_numpy(), index=pd.DatetimeIndex(scores["bucket_start"]))
         labels = load_labels(Path(args.labels), source.bucket_minutes, source.start_date)
