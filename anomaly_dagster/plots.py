@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 DPI = 80
 
@@ -21,6 +22,21 @@ def _png(figure: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
+    return buffer.getvalue()
+
+
+def compact_png(data: bytes, max_width: int = 900, colours: int = 64) -> bytes:
+    """A smaller copy of a plot for embedding in run metadata.
+
+    Dagster copies a ranged run's metadata into the event of every day it covers, so an embedded
+    plot is paid once per day: a palette PNG of a few dozen colours keeps that small, and the
+    full-size file stays in the warehouse.
+    """
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if image.width > max_width:
+        image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.quantize(colors=colours, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from anomaly_dagster import __version__, checks
+from anomaly_dagster import __version__, checks, plots
 from anomaly_dagster.config import SourceConfig, stage_engine
 from anomaly_dagster.evaluation import labels_file
 from anomaly_dagster.pipeline import (
@@ -43,14 +43,25 @@ def daily_partitions(source: SourceConfig) -> dg.DailyPartitionsDefinition:
     return dg.DailyPartitionsDefinition(start_date=source.start_date.isoformat())
 
 
-def _mapping(upstream: Upstream) -> dg.PartitionMapping | None:
-    if (upstream.start_offset, upstream.end_offset) == (0, 0):
-        return None
-    return dg.TimeWindowPartitionMapping(start_offset=upstream.start_offset, end_offset=upstream.end_offset)
+def _earlier_days_note(upstreams: tuple[Upstream, ...]) -> str:
+    """Say in the UI which earlier days a day also reads: Dagster's graph declares only the same day.
+
+    Declaring the offsets (``TimeWindowPartitionMapping``) makes Dagster widen a range launched from
+    the asset graph's *Materialize all* dialog downstream (resampled D feeds features D+1, features D
+    feeds the models of D+1..D+7), so the run asks for days whose own inputs were never ingested and
+    fails. Same-day dependencies keep a range a range; the exact upstream days of every partition are
+    still recorded, with their checksums, in ``meta.lineage``.
+    """
+    notes = [
+        f"{upstream.asset} D{upstream.start_offset:+d}..D{upstream.end_offset:+d}"
+        for upstream in upstreams
+        if (upstream.start_offset, upstream.end_offset) != (0, 0)
+    ]
+    return f" Day D reads {', '.join(notes)} (exact days in meta.lineage)." if notes else ""
 
 
 def _png_markdown(path: Path) -> dg.MetadataValue:
-    encoded = base64.b64encode(path.read_bytes()).decode()
+    encoded = base64.b64encode(plots.compact_png(path.read_bytes())).decode()
     return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{encoded})")
 
 
@@ -105,15 +116,13 @@ def _engine_kind(source: SourceConfig, stage: Stage) -> str:
 def _stage_asset(
     source: SourceConfig, stage: Stage, partitions: dg.PartitionsDefinition
 ) -> dg.AssetsDefinition:
-    deps = [
-        dg.AssetDep(dg.AssetKey([source.name, upstream.asset]), partition_mapping=_mapping(upstream))
-        for upstream in stage.upstream(source)
-    ]
+    upstreams = stage.upstream(source)
+    deps = [dg.AssetKey([source.name, upstream.asset]) for upstream in upstreams]
     specs = [
         dg.AssetSpec(
             key=[source.name, asset],
             deps=deps,
-            description=ASSET_DESCRIPTIONS[asset],
+            description=ASSET_DESCRIPTIONS[asset] + _earlier_days_note(upstreams),
             group_name=source.name,
             kinds={_engine_kind(source, stage), "parquet"},
             code_version=__version__,

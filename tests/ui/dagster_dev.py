@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +65,9 @@ query Targeted($id: String!, $key: AssetKeyInput) {
     ... on PartitionBackfill { partitionsTargetedForAssetKey(assetKey: $key) { ranges { start end } } }
   }
 }
+"""
+BACKFILLS = """
+{ partitionBackfillsOrError { __typename ... on PartitionBackfills { results { id } } } }
 """
 RUN_EVENTS = """
 query Events($runId: ID!, $cursor: String) {
@@ -285,33 +289,38 @@ def assert_clean_exit(dev: DagsterDev, returncode: int) -> None:
 
 
 def launch_backfill(dev: DagsterDev, start_day: str, end_day: str, title: str) -> str:
-    """An asset backfill of every clickstream asset over exactly ``start_day..end_day``; returns its id.
+    """An asset backfill of every clickstream asset over ``start_day..end_day``, as the UI launches it.
 
-    The range is given per asset (``partitionsByAssets``), so every asset targets exactly those days and,
-    with the single-run policy, the daemon launches one run for the whole chain. The UI's materialize
-    dialog sends ``assetSelection`` + ``partitionNames`` instead, which Dagster applies to the root assets
-    and widens downstream through the day-offset partition mappings (features to D+1, model to D+8), one
-    run per stage; a backfill ending on the last day with data then fails on the missing next ``resampled``
-    day. The targets are checked here, so a widened backfill fails loudly rather than passing by luck.
+    The asset graph's *Materialize all* dialog sends ``assetSelection`` + ``partitionNames``; Dagster
+    applies the days to the root assets and widens them downstream through the partition mappings.
+    Every asset must still target exactly the chosen days (checked here): a widened backfill reaches
+    days whose inputs were never ingested and fails.
     """
+    first, last = date.fromisoformat(start_day), date.fromisoformat(end_day)
+    days = [(first + timedelta(days=offset)).isoformat() for offset in range((last - first).days + 1)]
     params = {
-        "partitionsByAssets": [
-            {
-                "assetKey": {"path": [SOURCE, asset]},
-                "partitions": {"range": {"start": start_day, "end": end_day}},
-            }
-            for asset in ASSETS
-        ],
+        "assetSelection": [{"path": [SOURCE, asset]} for asset in ASSETS],
+        "partitionNames": days,
         "title": title,
     }
     result = dev.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
     assert result["__typename"] == "LaunchBackfillSuccess", result
-    backfill_id = result["backfillId"]
+    assert_targets(dev, result["backfillId"], start_day, end_day)
+    return result["backfillId"]
+
+
+def assert_targets(dev: DagsterDev, backfill_id: str, start_day: str, end_day: str) -> None:
+    """Every partitioned asset of the backfill targets exactly ``start_day..end_day``, no day more."""
     for asset in ASSETS:
         targeted = dev.graphql(TARGETED, {"id": backfill_id, "key": {"path": [SOURCE, asset]}})
         ranges = targeted["partitionBackfillOrError"]["partitionsTargetedForAssetKey"]["ranges"]
         assert ranges == [{"start": start_day, "end": end_day}], (asset, ranges)
-    return backfill_id
+
+
+def backfill_ids(dev: DagsterDev) -> list[str]:
+    result = dev.graphql(BACKFILLS)["partitionBackfillsOrError"]
+    assert result["__typename"] == "PartitionBackfills", result
+    return [entry["id"] for entry in result["results"]]
 
 
 def backfill(dev: DagsterDev, backfill_id: str) -> dict:
@@ -361,7 +370,8 @@ def run_event_texts(dev: DagsterDev, run_id: str) -> list[str]:
 
 
 def assert_backfills_succeeded(dev: DagsterDev, states: dict[str, dict]) -> list[dict]:
-    """Every backfill COMPLETED_SUCCESS with exactly one successful run (the single-run policy).
+    """Every backfill COMPLETED_SUCCESS, every run a success, and the whole daily chain in one run (the
+    single-run policy; an unpartitioned ``evaluation`` in the selection gets a run of its own).
 
     On failure the message carries each failed run's errors, not just its status. Returns the runs.
     """
@@ -369,7 +379,8 @@ def assert_backfills_succeeded(dev: DagsterDev, states: dict[str, dict]) -> list
     for backfill_id, state in states.items():
         runs.extend(state["runs"])
         statuses = [run["status"] for run in state["runs"]]
-        if state["status"] != "COMPLETED_SUCCESS" or statuses != ["SUCCESS"]:
+        chain_runs = [run for run in state["runs"] if chain_run(run)]
+        if state["status"] != "COMPLETED_SUCCESS" or set(statuses) != {"SUCCESS"} or len(chain_runs) != 1:
             problems.append(
                 f"backfill {backfill_id}: {state['status']}, runs {statuses}, error {state['error']}"
             )
@@ -379,6 +390,11 @@ def assert_backfills_succeeded(dev: DagsterDev, states: dict[str, dict]) -> list
                     problems.append(f"run {run['runId']}:\n" + "\n".join(errors)[:4000])
     assert not problems, "\n".join(problems) + f"\n--- make dev log ---\n{dev.log_tail(2000)}"
     return runs
+
+
+def chain_run(run: dict) -> bool:
+    """Whether the run materializes every partitioned asset of the chain."""
+    return {tuple(key["path"]) for key in run["assetSelection"]} >= {(SOURCE, asset) for asset in ASSETS}
 
 
 def all_runs(dev: DagsterDev) -> list[dict]:

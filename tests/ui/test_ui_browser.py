@@ -1,4 +1,5 @@
-"""The UI as a person uses it: ``make dev``, the asset graph in a real browser, a backfill, the plots.
+"""The UI as a person uses it: ``make dev``, the asset graph in a real browser, a range of days launched
+from its *Materialize all…* dialog, the plots.
 
 Headless Chromium (the Debian package, ``/usr/bin/chromium``) is driven by Playwright's sync API;
 Playwright never downloads a browser here. Screenshots are kept under ``test-artifacts/ui/``.
@@ -17,6 +18,7 @@ import dagster_dev as dd
 import pytest
 
 from anomaly_dagster.generate import generate_clickstream
+from anomaly_dagster.plots import compact_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -34,6 +36,7 @@ START = date(2020, 7, 7)
 DAYS = ["2020-07-07", "2020-07-08", "2020-07-09"]
 UI_TIMEOUT_MS = 60_000
 GRAPH_PNG = dd.ARTIFACTS / "asset_graph.png"
+DIALOG_PNG = dd.ARTIFACTS / "materialize_dialog.png"
 SCORES_PNG = dd.ARTIFACTS / "scores_plot.png"
 ATTRIBUTION_PNG = dd.ARTIFACTS / "scores_attribution.png"
 
@@ -72,7 +75,7 @@ def _skip_community_dialog(page, wait_ms: int) -> None:
     greeting.wait_for(state="hidden", timeout=10_000)
 
 
-def _check_asset_graph(context, expect, url: str) -> None:
+def _check_asset_graph(context, expect, url: str):
     """Every clickstream asset is drawn in the group's graph: its name on screen, in the window, uncovered."""
     page = context.new_page()
     page.goto(url, wait_until="networkidle")
@@ -89,7 +92,22 @@ def _check_asset_graph(context, expect, url: str) -> None:
         assert box["y"] >= 0 and box["y"] + box["height"] <= VIEWPORT["height"], (asset, box)
     expect(page.get_by_role("dialog")).to_have_count(0)
     page.screenshot(path=str(GRAPH_PNG))
-    page.close()  # no live polling while the backfill runs: the two cores are the run's
+    return page
+
+
+def _materialize_days_from_graph(page, expect, first: str, last: str) -> None:
+    """*Materialize all…* on the asset graph, a custom range of days, *Launch backfill*: as a person does."""
+    page.get_by_role("button", name="Materialize all…").click()
+    dialog = page.get_by_role("dialog").filter(has_text="Partition selection")
+    expect(dialog).to_be_visible()
+    dialog.get_by_text("Show all partitions").click()  # 2020 is older than the default last 90 days
+    days = dialog.locator("input:not([type=checkbox])").first  # the partition-range text box
+    days.fill(f"[{first}...{last}]")
+    days.press("Enter")
+    expect(dialog.get_by_text(f"{len(DAYS)} partitions", exact=True)).to_be_visible()
+    page.screenshot(path=str(DIALOG_PNG))
+    dialog.get_by_role("button", name="Launch backfill").click()
+    expect(dialog).to_have_count(0)
 
 
 def _check_plot(page, expect, key: str, plot_file: Path, screenshot: Path) -> tuple[int, int]:
@@ -104,9 +122,9 @@ def _check_plot(page, expect, key: str, plot_file: Path, screenshot: Path) -> tu
     width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
     shown = image.bounding_box()
     assert shown and shown["width"] > 100 and shown["height"] > 100, (key, shown)
-    # what is drawn is the plot the run saved beside the warehouse, byte for byte
+    # what is drawn is the compact copy of the plot the run saved beside the warehouse, byte for byte
     source = image.get_attribute("src")
-    assert base64.b64decode(source.split(",", 1)[1]) == plot_file.read_bytes(), key
+    assert base64.b64decode(source.split(",", 1)[1]) == compact_png(plot_file.read_bytes()), key
     page.screenshot(path=str(screenshot))
     page.keyboard.press("Escape")
     expect(dialog).to_have_count(0)
@@ -152,21 +170,29 @@ def test_asset_graph_backfill_and_plots_in_a_real_browser(tmp_path):
             try:
                 context = browser.new_context(viewport=VIEWPORT)  # one browser profile, as a person has
                 context.set_default_timeout(UI_TIMEOUT_MS)
-                _check_asset_graph(
+                graph = _check_asset_graph(
                     context, expect, f"{dev.url}/locations/{quote(location)}/asset-groups/{dd.SOURCE}"
                 )
                 timings["graph"] = time.monotonic() - began
 
-                backfill_id = dd.launch_backfill(dev, DAYS[0], DAYS[-1], title="ui test")
-                states = dd.wait_for_backfills(dev, [backfill_id], timeout=300)
+                _materialize_days_from_graph(graph, expect, DAYS[0], DAYS[-1])
+                graph.close()  # no live polling while the backfill runs: the two cores are the run's
+                (backfill_id,) = dd.backfill_ids(dev)
+                dd.assert_targets(dev, backfill_id, DAYS[0], DAYS[-1])
+                states = dd.wait_for_backfills(dev, [backfill_id], timeout=420)
                 runs = dd.assert_backfills_succeeded(dev, states)
+                (chain,) = [run for run in runs if dd.chain_run(run)]
+                evaluated = [
+                    run for run in runs if {"path": [dd.SOURCE, "evaluation"]} in run["assetSelection"]
+                ]
+                assert evaluated, runs  # the dialog selects every asset, the labelled evaluation too
                 timings["backfill"] = time.monotonic() - began
 
                 sizes = _check_scores_page(
                     context,
                     expect,
                     f"{dev.url}/assets/{dd.SOURCE}/scores?view=events",
-                    runs[0]["runId"],
+                    chain["runId"],
                     warehouse / dd.SOURCE / "plots",
                 )
                 timings["plots"] = time.monotonic() - began
@@ -176,7 +202,7 @@ def test_asset_graph_backfill_and_plots_in_a_real_browser(tmp_path):
 
         for key, (width, height) in sizes.items():
             assert width > 100 and height > 100, (key, width, height)
-        for screenshot in (GRAPH_PNG, SCORES_PNG, ATTRIBUTION_PNG):
+        for screenshot in (GRAPH_PNG, DIALOG_PNG, SCORES_PNG, ATTRIBUTION_PNG):
             assert dd.assert_png(screenshot) == (VIEWPORT["width"], VIEWPORT["height"])
 
         # Ctrl-C: make dev stops, dagster dev shuts its services down, nothing is left on the port
