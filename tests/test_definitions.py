@@ -84,6 +84,8 @@ def _graphql(port: int, query: str) -> dict:
 
 @pytest.mark.slow
 def test_dagster_dev_serves_the_location_on_loopback(tmp_path):
+    from anomaly_dagster.definitions import defs
+
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "ANOMALY_WAREHOUSE_DIR": str(tmp_path / "warehouse")}
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -116,7 +118,9 @@ def test_dagster_dev_serves_the_location_on_loopback(tmp_path):
             time.sleep(1)
         assert status and status["locationOrLoadError"]["__typename"] == "RepositoryLocation", status
         nodes = _graphql(port, "{ assetNodes { assetKey { path } } }")["data"]["assetNodes"]
-        assert {tuple(node["assetKey"]["path"]) for node in nodes} == {("clickstream", a) for a in ASSETS}
+        served = {tuple(node["assetKey"]["path"]) for node in nodes}
+        assert {asset for source, asset in served if source == "clickstream"} == ASSETS
+        assert served == {tuple(key.path) for key in defs.resolve_all_asset_keys()}  # every source's
         assert _listening_addresses(port) == {"127.0.0.1"}
     finally:
         os.killpg(server.pid, signal.SIGINT)
