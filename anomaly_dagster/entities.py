@@ -78,12 +78,13 @@ def per_entity(
     entities: list[str] | None = None,
 ) -> pd.DataFrame:
     """``apply(entity, rows)`` per entity, concatenated with the entity column; ``apply(None, frame)``
-    without entities. An entity source with no entity gives an empty frame."""
+    without entities. With no entity at all: no rows, only the entity column (a partition of a day
+    when nothing reported, which the catalog's views still read)."""
     parts = [
         with_entity(source, apply(entity, rows), entity) for entity, rows in split(source, frame, entities)
     ]
     if not parts:
-        return pd.DataFrame()
+        return pd.DataFrame({source.entity: pd.Series(dtype=object)})
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 

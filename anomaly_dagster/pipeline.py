@@ -414,6 +414,8 @@ def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
     window = f"{days[0]}" if len(days) == 1 else f"{days[0]}..{days[-1]}"
     all_scores = pd.concat(frames.values(), ignore_index=True)
     all_features = warehouse.read_partitions(source.name, "features", days)
+    if all_scores.empty:  # an entity source on days when nothing reported: nothing to plot
+        return _record(context, [output])
     shown = entities.busiest_entity(source, all_scores)
     if shown is not None:  # one entity per plot: the one with the most flagged buckets
         all_scores = all_scores[all_scores[source.entity] == shown]

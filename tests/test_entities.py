@@ -18,7 +18,7 @@ from anomaly_dagster.features import build_features
 from anomaly_dagster.generate import generate_sensors
 from anomaly_dagster.incidents import merge_incidents
 from anomaly_dagster.modeling import score, train
-from anomaly_dagster.pipeline import StageContext, resample_sql, run_ingest, run_resample
+from anomaly_dagster.pipeline import StageContext, resample_sql, run_ingest, run_resample, run_window
 from anomaly_dagster.warehouse import RunInfo, Warehouse
 
 SENSORS = load_source(PACKAGE_SOURCES_DIR / "sensors.yaml")
@@ -201,3 +201,29 @@ def test_a_source_without_entity_is_passed_whole() -> None:
     frame = pd.DataFrame({"bucket_start": [pd.Timestamp("2020-07-07")], "clicks": [3]})
     result = entities.per_entity(clickstream, frame, lambda entity, rows: rows.assign(seen=entity))
     assert result.columns.tolist() == ["bucket_start", "clicks", "seen"] and result["seen"].isna().all()
+
+
+@pytest.mark.slow
+def test_days_when_the_sensors_fall_silent(tmp_path: Path) -> None:
+    """Silent the day after: a day of empty buckets per sensor, flagged as a dropout of each; the
+    day after that has no sensor at all: an empty partition through the chain and a failed check."""
+    generated = generate_sensors(tmp_path / "landing", days=3, seed=2, sensors=2)
+    for path in generated.files[1:]:
+        path.unlink()
+    warehouse = Warehouse(tmp_path / "warehouse")
+    context = StageContext(SENSORS, warehouse, tmp_path / "landing", RunInfo("test", "0"))
+    days = [DAY + timedelta(days=offset) for offset in range(3)]
+    outputs = run_window(context, days)
+    silent, nobody = days[1], days[2]
+    resampled = outputs["resampled"].frames
+    assert (resampled[silent]["temperature_count"] == 0).all() and len(resampled[silent]) == 2 * 144
+    outcome = checks.complete_buckets(SENSORS, resampled)
+    assert not outcome.passed and list(outcome.per_day) == [nobody.isoformat()]
+    incidents = outputs["incidents"].frames[silent]
+    assert incidents[["sensor_id", "buckets", "top_feature", "direction"]].values.tolist() == [
+        ["s01", 144, "temperature_count", "LOW"],
+        ["s02", 144, "temperature_count", "LOW"],
+    ]
+    for asset in ("features", "model", "scores", "anomalies", "incidents"):
+        assert outputs[asset].frames[nobody].empty, asset
+    assert warehouse.query("SELECT count(*) AS n FROM sensors.incidents")["n"].iloc[0] == 2
