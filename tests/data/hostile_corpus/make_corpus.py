@@ -29,11 +29,11 @@ HEADER = "timestamp,page,user,session_id"
 GZIP_MTIME = 0  # deterministic gzip headers
 
 JUDGEMENT = {
-    "line_numbers": "1-based physical line in the decompressed file where the record starts; "
-    "the CSV header is line 1; a quoted field spanning lines is one record at its first line "
-    "(its other lines are listed as continuation_lines); Parquet rows are numbered 1..n.",
-    "blank_lines": "empty and whitespace-only lines (spaces, a lone CRLF) are skipped: not events, "
-    "not quarantined.",
+    "line_numbers": "1-based physical line in the decompressed file; the CSV header is line 1; "
+    "JSON lines start at 1; Parquet rows are numbered 1..n. CSV records are lines (see quoting).",
+    "blank_lines": "empty lines (\\n or \\r\\n alone) are skipped: not events, not quarantined. "
+    "Revised after part 2: a line of only spaces/tabs is not empty; quarantining it (wrong column "
+    "count) is visible and harmless, so it is listed as bad (first blind version: skipped).",
     "offsets_and_zones": "ISO timestamps with an offset or Z are good and converted to UTC: "
     "2020-07-15T10:00:00+02:00 is 08:00 UTC; 2020-07-14T23:30:00-02:00 lands on 2020-07-15 01:30 "
     "UTC. An ISO 'T' timestamp without offset is in the source time zone (UTC). Fractional seconds "
@@ -43,19 +43,25 @@ JUDGEMENT = {
     "bare number is not a timestamp of that source and seconds vs milliseconds is a guess.",
     "date_only": "'2020-07-15' without a time is quarantined: bucketing it at 00:00 would invent a "
     "spike in the first bucket.",
-    "leap_second_and_24h": "'10:00:60' and '24:00:00' are out of range and quarantined.",
+    "leap_second_and_24h": "'10:00:60' is quarantined. Revised after part 2: '2020-07-15 24:00:00' "
+    "is ISO 8601's end of day, 2020-07-16 00:00 UTC, a good event of the next day (the pipeline "
+    "documents this; first blind version: quarantined).",
     "duplicates": "an identical line repeated within one file is a separate event (double click, "
     "as the README says) and is kept; the same event (same UTC instant, trimmed page, user, "
     "session_id) in another file is a replay: quarantined in the file that sorts later by name, "
     "even when written in another format (CSV vs JSON lines, ' 10:00:00' vs 'T10:00:00Z').",
     "repeated_header": "a header line repeated mid-file is quarantined (not silently skipped).",
     "column_count": "a CSV row whose field count differs from the header's is quarantined, also a "
-    "single trailing delimiter and a row missing only the optional session_id; a header AND all rows "
-    "with one trailing delimiter is a consistent extra unnamed empty column: rows good.",
-    "quoting": "RFC 4180: quoted commas / doubled quotes are good; a quote inside an unquoted field "
-    "is a literal character (kept); text after a closing quote is malformed (quarantined); an "
-    "unterminated quote quarantines only its own line and parsing resumes on the next line (log "
-    "records are lines; it must not swallow the rest of the file).",
+    "row missing only the optional session_id. Revised after part 2: ONE trailing delimiter (an "
+    "empty extra last field) is harmless and the row is good (first blind version: quarantined). A "
+    "header AND all rows with one trailing delimiter is a consistent extra empty column: rows good.",
+    "quoting": "RFC 4180: quoted commas / doubled quotes are good; text after a closing quote is "
+    "malformed (quarantined); an unterminated quote quarantines only its own line and parsing "
+    "resumes on the next line (log records are lines; it must not swallow the rest of the file). "
+    "Revised after part 2, for consistency with records-are-lines: a quoted field with an embedded "
+    "newline is two bad lines (each has an unbalanced quote), not one multi-line record; a quote "
+    'inside an unquoted field (hxp"stray) is invalid RFC 4180 and quarantined (first blind '
+    "version: kept as a literal).",
     "control_characters": "any C0/C1 control character inside a value (NUL, ESC, VT, FF, U+0085, "
     "a newline embedded in a quoted CSV field or escaped in JSON) quarantines the row; U+2028 "
     "(LINE SEPARATOR) is not a control character and not a line end: good.",
@@ -74,14 +80,16 @@ JUDGEMENT = {
     "two objects on a line, trailing garbage, NaN and malformed JSON are quarantined. An integer "
     "user id is kept as its decimal text (numeric ids are common and lossless); booleans, objects "
     "and arrays as page/user are wrong types: quarantined. null session_id is fine.",
-    "compression": "compression is detected by content (gzip magic), not by extension: a .csv.gz "
-    "that is plain text and a .csv that is gzip are read normally; multi-member gzip (concatenated "
-    "streams) is read in full; a valid gzip of nothing is an empty file.",
+    "compression": "multi-member gzip (concatenated streams) is read in full. Revised after part 2: "
+    "a .csv.gz that is plain text and a .csv that is gzip are quarantined as whole files with a "
+    "clear reason (the name is the contract; first blind version: sniff the content and read).",
     "unreadable_files": "a truncated gzip, truncated Parquet, binary garbage or UTF-16 file is "
     "quarantined as a whole file (on 2020-07-15, the date in its name); none of its rows are "
     "events; the run goes on.",
-    "empty_files": "zero-byte files and header-only files contribute nothing and are not "
-    "quarantined (a zero-byte file is a writer that has not written yet); the run goes on.",
+    "empty_files": "header-only CSV and zero-byte JSON lines files contribute nothing and are not "
+    "quarantined. Revised after part 2: a CSV with no header line (zero bytes, or a gzip of zero "
+    "bytes) is quarantined as a file ('empty file (no header line)'): visible, not a run failure "
+    "(first blind version: ignored).",
     "ignored_files": "files not matching the source globs (README_clicks.csv, hidden "
     ".clicks_*.csv) are not read at all.",
     "long_lines": "a 3 MB line (in a .csv.gz) and a 40 KB line are quarantined for the overlong "
@@ -92,8 +100,8 @@ JUDGEMENT = {
 class File:
     """Records of one file: bytes written plus the expectation for each."""
 
-    def __init__(self, name: str, tag: str, note: str = ""):
-        self.name, self.tag, self.note = name, tag, note
+    def __init__(self, name: str, tag: str, note: str = "", whole: str = ""):
+        self.name, self.tag, self.note, self.whole = name, tag, note, whole
         self.records: list[tuple[bytes, dict]] = []
         self.n = 0
 
@@ -120,8 +128,8 @@ class File:
             exp["note"] = note
         self.raw(data, exp)
 
-    def bad(self, data, category: str) -> None:
-        self.raw(data, {"kind": "bad", "category": category})
+    def bad(self, data, category: str, **extra) -> None:
+        self.raw(data, {"kind": "bad", "category": category, **extra})
 
     def csv_good(self, ts, page="hxpA", user=None, sid=None, eol="\n", raw_ts=None, note=""):
         user = user or self.user()
@@ -144,7 +152,7 @@ class File:
             if kind == "good":
                 good.append({"line": line, **{k: v for k, v in exp.items() if k != "kind"}})
             elif kind == "bad":
-                bad.append({"line": line, "category": exp["category"]})
+                bad.append({"line": line, **{k: v for k, v in exp.items() if k != "kind"}})
             elif kind == "blank":
                 blank.extend(range(line, line + span))
             elif kind == "header":
@@ -155,6 +163,13 @@ class File:
         total = self.bytes().count(b"\n") + (0 if self.bytes().endswith(b"\n") or not self.bytes() else 1)
         listed = [g["line"] for g in good] + [b["line"] for b in bad] + continuation + blank + header
         assert sorted(listed) == list(range(1, total + 1)), (self.name, sorted(listed), total)
+        if self.whole:
+            return {
+                "format": fmt_of(self.name),
+                "action": "quarantine_file",
+                "category": self.whole,
+                "note": self.note,
+            }
         out = {"format": fmt_of(self.name), "action": "ingest", "lines": total, "header_lines": header}
         out.update(good=good, bad=bad, continuation_lines=continuation, blank_lines=blank)
         if self.note:
@@ -216,10 +231,10 @@ f.csv_good(
     note="same page/user as the padded line above once trimmed: adds 1 page, 1 user, 2 clicks",
 )
 f.blank("\n")
-f.blank("   \n")
+f.bad("   \n", "whitespace_only_line")
 f.blank("\r\n")
 f.csv_good(t("10:06:00"), raw_ts=f"  {t('10:06:00')}  ", eol="\n", note="padded timestamp")
-f.blank("\t \n")
+f.bad("\t \n", "whitespace_only_line")
 f.csv_good(t("10:07:00"), page="hxpC", eol="\r\n")
 
 # --- h03: quoting ---------------------------------------------------------------------------------
@@ -234,15 +249,10 @@ f.good(f'"{t("10:11:20")}","hxpA","{u}","s3"\n', t("10:11:20"), "hxpA", u, note=
 u = f.user()
 f.good(f'{t("10:11:30")}," hxpB ",{u},s4\n', t("10:11:30"), "hxpB", u, note="quoted padding trimmed")
 u = f.user()
-f.bad(f'{t("10:11:40")},"hxp\nsplit",{u},s5\n', "control_character_embedded_newline")
+f.bad(f'{t("10:11:40")},"hxp\n', "quote_not_closed_on_its_line_embedded_newline")
+f.bad(f'split",{u},s5\n', "fragment_after_embedded_newline")
 u = f.user()
-f.good(
-    f'{t("10:11:50")},hxp"stray,{u},s6\n',
-    t("10:11:50"),
-    'hxp"stray',
-    u,
-    note="quote inside an unquoted field is literal (judgement)",
-)
+f.bad(f'{t("10:11:50")},hxp"stray,{u},s6\n', "quote_inside_unquoted_field")
 u = f.user()
 f.bad(f'{t("10:12:00")},"hxpA"junk,{u},s7\n', "malformed_quote_text_after_closing_quote")
 f.csv_good(t("10:12:10"))
@@ -267,7 +277,8 @@ f.header()
 f.csv_good(t("10:21:00"))
 f.bad(f"{t('10:21:10')},hxpA,{f.user()}\n", "wrong_column_count_3_of_4")
 f.bad(f"{t('10:21:20')},hxpA,{f.user()},s,extra\n", "wrong_column_count_5_of_4")
-f.bad(f"{t('10:21:30')},hxpA,{f.user()},s,\n", "wrong_column_count_trailing_delimiter")
+u = f.user()
+f.good(f"{t('10:21:30')},hxpA,{u},s,\n", t("10:21:30"), "hxpA", u, "s", note="one trailing delimiter")
 f.bad(",,,\n", "missing_required_values_only_delimiters")
 f.bad("just one field\n", "wrong_column_count_1_of_4")
 f.csv_good(t("10:21:40"))
@@ -310,7 +321,6 @@ for raw, cat in [
     ("0000-07-15 10:00:00", "timestamp_year_0"),
     ("2020-02-30 10:00:00", "timestamp_feb_30"),
     ("2020-07-15 25:61:00", "timestamp_hour_25_minute_61"),
-    ("2020-07-15 24:00:00", "timestamp_hour_24"),
     ("2020-07-15 10:00:60", "timestamp_second_60"),
     ("2020-07-15", "timestamp_date_only"),
     ("1594807200", "timestamp_epoch_seconds"),
@@ -336,6 +346,7 @@ f.csv_good(t("10:50:00"), note="exact bucket boundary -> bucket 10:50")
 f.csv_good(t("01:30:00"), raw_ts="2020-07-14T23:30:00-02:00", note="local date 14th, UTC 15th")
 f.csv_good(t("23:00:00"), raw_ts="2020-07-16T01:00:00+02:00", note="local date 16th, UTC 15th")
 f.csv_good(t("00:00:00"), note="first instant of the day")
+f.csv_good("2020-07-16 00:00:00", raw_ts=t("24:00:00"), note="ISO end of day: the next day's first instant")
 f.csv_good(t("23:59:59"), note="last second of the day")
 
 # --- h08: field values and lengths -------------------------------------------------------------------
@@ -368,6 +379,7 @@ for _ in range(2):
 trip = f"{t('11:11:10')},hxpB,hx09u901,s-trip\n"
 for _ in range(3):
     f.good(trip, t("11:11:10"), "hxpB", "hx09u901", "s-trip", note="triplicate kept")
+REPLAY = len(f.bytes().splitlines()) + 1
 f.csv_good(t("11:11:20"), user="hx09u902", sid="s-replayed-1")
 f.csv_good(t("11:11:30"), user="hx09u903", sid="s-replayed-2")
 
@@ -382,7 +394,11 @@ f.raw(
         }
     )
     + "\n",
-    {"kind": "bad", "category": "duplicate_replay_of_h09"},
+    {
+        "kind": "bad",
+        "category": "duplicate_replay",
+        "replay_of": [f"clicks_{DAY}_h09_duplicates.csv", REPLAY],
+    },
 )
 f.raw(
     jl(
@@ -394,7 +410,11 @@ f.raw(
         }
     )
     + "\n",
-    {"kind": "bad", "category": "duplicate_replay_of_h09"},
+    {
+        "kind": "bad",
+        "category": "duplicate_replay",
+        "replay_of": [f"clicks_{DAY}_h09_duplicates.csv", REPLAY + 1],
+    },
 )
 u = f.user()
 f.good(
@@ -434,7 +454,7 @@ f = add(File(f"clicks_{DAY}_h15_header_only.csv", "15", "header only"))
 f.header()
 f = add(File(f"clicks_{DAY}_h16_header_only_no_eol.csv", "16", "header only, no final newline"))
 f.header(eol="")
-f = add(File(f"clicks_{DAY}_h17_zero_bytes.csv", "17", "zero bytes"))
+f = add(File(f"clicks_{DAY}_h17_zero_bytes.csv", "17", "zero bytes", whole="csv_without_header_line"))
 f = add(File(f"clicks_{DAY}_h18_zero_bytes.jsonl", "18", "zero bytes"))
 
 # --- h19..h24: gzip -------------------------------------------------------------------------------
@@ -446,14 +466,16 @@ f.csv_good(t("12:01:20"), page="hxpB")
 GZIP_FILES = {f.name: "gzip"}
 
 f = add(
-    File(f"clicks_{DAY}_h21_plain_text.csv.gz", "21", "named .gz, content is plain CSV (judgement: read)")
+    File(f"clicks_{DAY}_h21_plain_text.csv.gz", "21", "named .gz, content is plain CSV", whole="not_gzip")
 )
 f.header()
 f.csv_good(t("12:11:00"))
 f.csv_good(t("12:11:10"))
 f.bad(f"{t('12:11:20')},hxpA\n", "wrong_column_count_2_of_4")
 
-f = add(File(f"clicks_{DAY}_h22_actually_gzip.csv", "22", "named .csv, content is gzip (judgement: read)"))
+f = add(
+    File(f"clicks_{DAY}_h22_actually_gzip.csv", "22", "named .csv, content is gzip", whole="gzip_named_csv")
+)
 f.header()
 f.csv_good(t("12:12:00"))
 f.csv_good(t("12:12:10"), page="hxpB")
@@ -474,7 +496,14 @@ f.bad(f"{t('12:14:10')},hxp{'Z' * 3_000_000},{f.user()},s\n", "extremely_long_li
 f.csv_good(t("12:14:20"))
 GZIP_FILES[f.name] = "gzip"
 
-f = add(File(f"clicks_{DAY}_h27_empty_gzip.csv.gz", "27", "a valid gzip stream of zero bytes"))
+f = add(
+    File(
+        f"clicks_{DAY}_h27_empty_gzip.csv.gz",
+        "27",
+        "a valid gzip of zero bytes",
+        whole="csv_without_header_line",
+    )
+)
 GZIP_FILES[f.name] = "gzip"
 
 # --- h28: JSON lines --------------------------------------------------------------------------------
