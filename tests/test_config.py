@@ -67,7 +67,7 @@ def test_shipped_clickstream_source_loads() -> None:
         "iqr",
         "isolation_forest",
     ]
-    assert source.ensemble_detectors == ["rcf"]
+    assert source.ensemble_detectors == ["rcf", "zscore"] and source.ensemble.min_votes == 2
     assert source.threshold == ThresholdConfig(method="sigma", k=3.0)
 
 

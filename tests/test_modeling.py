@@ -8,7 +8,7 @@ from datetime import date, timedelta
 import numpy as np
 import pandas as pd
 
-from anomaly_dagster.config import load_sources
+from anomaly_dagster.config import EnsembleConfig, load_sources
 from anomaly_dagster.detectors.zscore import RobustZScoreDetector
 from anomaly_dagster.modeling import anomalies_from_scores, score, training_window
 
@@ -44,10 +44,11 @@ def test_ensemble_votes_and_explanations():
     features.loc[90, "clicks"] = 400.0  # clicks far too high
     users = RobustZScoreDetector(["users", "tod_sin"], time_of_day_window=None).fit(features)
     clicks = RobustZScoreDetector(["clicks"], time_of_day_window=None).fit(features)
-    detectors = {"rcf": users, "zscore": clicks}  # names the shipped ensemble config knows
-    scored = score(SOURCE, features, detectors, {"rcf": 6.0, "zscore": 6.0})
+    detectors = {"rcf": users, "zscore": clicks}  # names the shipped config knows
+    # an ensemble that listens to rcf only: the clicks spike is scored, but does not vote
+    source = SOURCE.model_copy(update={"ensemble": EnsembleConfig(detectors=["rcf"], min_votes=1)})
+    scored = score(source, features, detectors, {"rcf": 6.0, "zscore": 6.0})
     ensemble = scored[scored["detector"] == "ensemble"].set_index("bucket_start")
-    # the shipped clickstream ensemble listens to rcf only: the clicks spike is scored, but does not vote
     flagged = ensemble.index[ensemble["is_anomaly"]]
     assert list(flagged) == [features.loc[50, "bucket_start"]]
     per_detector = scored[scored["detector"] == "zscore"].set_index("bucket_start")

@@ -104,7 +104,11 @@ def test_model_is_walk_forward(materialized):
     assert not later["cold_start"].any()
     assert (later["training_end"] < later["date"]).all()  # trained only on days before the partition
     last = model[model["date"] == pd.Timestamp(DAYS[-1])]
-    assert (last["training_days"] == 3).all() and (last["threshold_method"] == "sigma").all()
+    assert (last["training_days"] == 3).all()
+    # the source's mean + 3 sd, except the z-score's own fixed cut (already in sd units)
+    methods = dict(zip(last["detector"], last["threshold_method"], strict=True))
+    assert methods == {"rcf": "sigma", "zscore": "fixed", "iqr": "sigma", "iforest": "sigma"}
+    assert last.set_index("detector").loc["zscore", "threshold"] == 3.5
     assert (warehouse.partition_dir("clickstream", "model", DAYS[-1]) / "model.npz").exists()
 
 

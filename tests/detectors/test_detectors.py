@@ -137,6 +137,19 @@ def test_profile_uses_only_neighbouring_slots() -> None:
     np.testing.assert_allclose(detector.expected(probe)["x"], [50.0, 10.0, 1420.0])
 
 
+def test_hour_window_keeps_a_cold_start_fault_from_becoming_its_own_median() -> None:
+    """A day fitted on itself (the first day) with a 40-minute user drop at noon: pooling the slots
+    within an hour leaves the fault a minority of its slots, pooling within 20 minutes does not."""
+    day = daily_frame(1, seed=3)
+    fault = list(range(70, 74))
+    day.loc[fault, "users"] -= 60.0
+    hour = RobustZScoreDetector(["users"], time_of_day_window=6).fit(day)
+    assert (hour.score(day.loc[fault]) > 3.5).all()
+    assert (hour.explain(day.loc[fault]) < 0).all()  # users LOW
+    narrow = RobustZScoreDetector(["users"], time_of_day_window=2).fit(day)
+    assert (narrow.score(day.loc[fault]) < 3.5).any()
+
+
 def test_profile_fit_ignores_non_finite_rows(training) -> None:
     dirty = training.copy()
     dirty.loc[[5, 200, 400], "users"] = np.nan
