@@ -80,7 +80,7 @@ def test_lags_and_models_are_per_sensor(materialized):
             rows["temperature_mean_lag1"].to_numpy()[1:], rows["temperature_mean"].to_numpy()[:-1]
         )
     model = warehouse.query("SELECT * FROM sensors.model")
-    assert model.groupby(["date", "sensor_id"]).size().eq(4).all()
+    assert model.groupby(["date", "sensor_id"]).size().eq(5).all()  # five detectors per sensor
     last = model[model["date"] == pd.Timestamp(DAYS[-1])]
     assert not last["cold_start"].any() and (last["training_days"] == 3).all()
     thresholds = last[last["detector"] == "rcf"].set_index("sensor_id")["threshold"]
@@ -119,3 +119,22 @@ def test_planted_spikes_are_detected_on_their_sensor(materialized):
                 fault.entity == other.sensor_id and fault.start <= other.end and fault.end >= other.start
                 for fault in generated.incidents
             ), f"{other.sensor_id} flagged at {other.start} with {spike.entity}'s spike"
+
+
+def test_every_planted_fault_overlaps_an_incident_of_its_sensor(materialized):
+    generated, warehouse, _ = materialized
+    incidents = warehouse.query(
+        'SELECT sensor_id, start, "end", top_feature, direction FROM sensors.incidents'
+    )
+    found = {}
+    for fault in generated.incidents:
+        hits = incidents[
+            (incidents["sensor_id"] == fault.entity)
+            & (incidents["start"] <= fault.end)
+            & (incidents["end"] >= fault.start)
+        ]
+        assert len(hits), f"missed {fault.kind} on {fault.entity} {fault.start}..{fault.end}"
+        found[fault.kind] = set(zip(hits["top_feature"], hits["direction"], strict=True))
+    assert {"spike", "dropout", "stuck", "drift"} <= set(found)
+    assert ("temperature_count", "LOW") in found["dropout"]
+    assert ("temperature_mean", "HIGH") in found["drift"]
