@@ -400,7 +400,9 @@ def _fill_tables(tree, tables, first, last):
             cuts[t, k] = cut_val[t, i]
             ups[t, k] = up
             masses[t, k] = mass[t, i]
-            boxes[t, k] = box[t, i]
+            for d in range(box.shape[3]):
+                boxes[t, k, 0, d] = box[t, i, 0, d]
+                boxes[t, k, 1, d] = box[t, i, 1, d]
             spans[t, k] = _span(box[t, i, 0], box[t, i, 1])
             if dim >= 0:
                 stack[top, 0], stack[top, 1], stack[top, 2] = links[t, i, _LEFT + 1], k, 1
@@ -544,6 +546,13 @@ def _mix_box(x, lo, hi, node_score, cur):
     return True
 
 
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _scale(cur, factor):
+    for d in range(cur.shape[0]):
+        cur[d, 0] *= factor
+        cur[d, 1] *= factor
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _tree_attribution(t, x, tree, path, shadow, cur, out):
     """Add tree ``t``'s AWS DiVector for ``x`` to ``out`` (d, 2); ``path``, ``shadow``, ``cur`` are scratch."""
@@ -565,7 +574,7 @@ def _tree_attribution(t, x, tree, path, shadow, cur, out):
     if total > 0.0:
         # Unseen point: the leaf term 1/(L+1) splits by where x leaves the leaf, then ancestors mix in.
         saved = 1.0 / (depth + 1.0)
-        cur *= saved / total
+        _scale(cur, saved / total)
         for k in range(depth - 1, -1, -1):
             if not _mix_box(x, box[t, path[k], 0], box[t, path[k], 1], 1.0 / (k + 1.0), cur):
                 break
@@ -574,9 +583,10 @@ def _tree_attribution(t, x, tree, path, shadow, cur, out):
         # total is rescaled to the seen score so that it still equals the scalar score.
         leaf_mass = mass[t, i]
         saved = (1.0 - leaf_mass / (2.0 * tree_mass)) / (depth + np.log2(leaf_mass + 1.0))
-        cur[:, :] = saved / (2.0 * dims)
-        shadow[0, :] = np.inf
-        shadow[1, :] = -np.inf
+        for d in range(dims):
+            cur[d, 0] = cur[d, 1] = saved / (2.0 * dims)
+            shadow[0, d] = np.inf
+            shadow[1, d] = -np.inf
         for k in range(depth - 1, -1, -1):
             sibling = links[t, path[k], _LEFT] + links[t, path[k], _LEFT + 1] - path[k + 1]
             for d in range(dims):
@@ -584,8 +594,15 @@ def _tree_attribution(t, x, tree, path, shadow, cur, out):
                 shadow[1, d] = max(shadow[1, d], box[t, sibling, 1, d])
             if not _mix_box(x, shadow[0], shadow[1], 1.0 / (k + 1.0), cur):
                 break
-        cur *= saved / cur.sum()
-    out += cur * np.log2(tree_mass + 1.0)
+        total = 0.0
+        for d in range(dims):
+            total += cur[d, 0]
+            total += cur[d, 1]
+        _scale(cur, saved / total)
+    norm = np.log2(tree_mass + 1.0)
+    for d in range(dims):
+        out[d, 0] += cur[d, 0] * norm
+        out[d, 1] += cur[d, 1] * norm
 
 
 @njit(cache=True, nogil=True)
@@ -649,8 +666,8 @@ def _insert(t, x, tree, rng):
     leaf = _alloc(t, free, n_free)
     links[t, leaf, _DIM] = -1
     mass[t, leaf] = 1
-    box[t, leaf, 0] = x
-    box[t, leaf, 1] = x
+    for d in range(dims):
+        box[t, leaf, 0, d] = box[t, leaf, 1, d] = x[d]
     if i < 0:  # empty tree
         links[t, leaf, _PARENT] = -1
         root[t] = leaf
@@ -772,7 +789,8 @@ def _update(raw, shingle, counters, tree, sampler, rng, time_decay, scratch):
             raise ValueError("points must be finite (no NaN or inf)")
     for d in range(dims - width):
         shingle[d] = shingle[d + width]
-    shingle[dims - width :] = raw
+    for d in range(width):
+        shingle[dims - width + d] = raw[d]
     counters[1] += 1
     if counters[1] < dims // width:
         return 0.0
