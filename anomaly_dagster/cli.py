@@ -16,6 +16,7 @@ import pandas as pd
 from anomaly_dagster.config import load_sources, warehouse_dir
 from anomaly_dagster.evaluation import evaluate, load_labels
 from anomaly_dagster.generate import generate_clickstream, generate_sensors
+from anomaly_dagster.spark_stream import register_cli as register_spark_stream_cli
 from anomaly_dagster.streaming import register_cli as register_stream_cli
 from anomaly_dagster.warehouse import Warehouse
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--labels", help="labels file (0/1 line or start,end CSV) to score against")
     report.set_defaults(handler=_report)
     register_stream_cli(commands)
+    register_spark_stream_cli(commands)
     return parser
 
 
