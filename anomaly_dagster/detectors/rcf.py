@@ -368,11 +368,19 @@ def _score_rows(points, tree, out):
 # about as much as scoring a few hundred points.
 
 
+def _line_aligned_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros starting on a 64-byte cache line, so that a 24-dim box (384 bytes) spans 6 lines, not 7."""
+    count = int(np.prod(shape))
+    buffer = np.zeros(count + 8)
+    start = (-buffer.ctypes.data % 64) // 8
+    return buffer[start : start + count].reshape(shape)
+
+
 def _new_tables(trees: int, nodes: int, dims: int) -> tuple[np.ndarray, ...]:
     return (
         np.empty((trees, nodes)),  # cut value
         np.empty((trees, nodes, 2), np.int32),  # (cut dimension or -1 for a leaf, right child)
-        np.empty((trees, nodes, 2, dims)),  # box
+        _line_aligned_zeros((trees, nodes, 2, dims)),  # box
         np.empty((trees, nodes)),  # box range sum
         np.empty((trees, nodes), np.int32),  # parent (-1 at the root, slot 0)
         np.empty((trees, nodes), np.int32),  # mass
@@ -1010,7 +1018,7 @@ class RandomCutForest:
             "links": np.full((trees, nodes, 4), -1, np.int32),
             "cut_val": np.zeros((trees, nodes)),
             "mass": np.zeros((trees, nodes), np.int32),
-            "box": np.zeros((trees, nodes, 2, dims)),
+            "box": _line_aligned_zeros((trees, nodes, 2, dims)),
             "free": np.ascontiguousarray(np.tile(np.arange(nodes - 1, -1, -1, dtype=np.int32), (trees, 1))),
             "n_free": np.full(trees, nodes, np.int32),
             "heap_w": np.zeros((trees, self.sample_size)),
