@@ -113,7 +113,9 @@ def test_training_gives_the_detector_the_windows_labels(source, labelled):
     """modeling.train passes the labels to spark_rf (and the pipeline reads them for it)."""
     features, truth = labelled
     config = source.model_dump() | {"ensemble": {"detectors": None, "min_votes": 1}}
-    config["detectors"] = [{"name": "rf", "kind": "spark_rf", "features": FEATURES}]
+    config["detectors"] = [
+        {"name": "rf", "kind": "spark_rf", "features": FEATURES, "params": {"num_trees": 5}}
+    ]
     with_rf = type(source).model_validate(config)
     assert modeling.needs_labels(with_rf) and not modeling.needs_labels(source)
     training = features["bucket_start"].dt.date.isin(TRAIN).to_numpy()
