@@ -492,6 +492,13 @@ def run_spark_stream_command(args: argparse.Namespace) -> int:
         LOG.error("--kafka needs --topic")
         return 2
     source = sources[args.source]
+    if source.entity is not None:
+        LOG.error(
+            "%s has an entity column (%s): streams score one series; use the batch pipeline",
+            source.name,
+            source.entity,
+        )
+        return 2
     warehouse = Warehouse(Path(args.warehouse) if args.warehouse else warehouse_dir())
     checkpoint = Path(args.checkpoint) if args.checkpoint else checkpoint_dir(warehouse, source)
     spark = spark_session(args.master)

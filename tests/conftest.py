@@ -33,3 +33,25 @@ def spark():
     from anomaly_dagster.engines.spark import spark_session
 
     return spark_session("local[2]")
+
+
+@pytest.fixture(scope="session")
+def generated_pipeline(generated_logs, tmp_path_factory):
+    """The first two generated days materialized in one Dagster run: ``(warehouse root, run result)``.
+    Shared by the streaming tests, which compare against it; copy the warehouse before writing to it."""
+    import dagster as dg
+
+    from anomaly_dagster.config import load_sources
+    from anomaly_dagster.definitions import build_definitions
+
+    root = tmp_path_factory.mktemp("generated_pipeline") / "warehouse"
+    defs = build_definitions(load_sources(), str(generated_logs.files[0].parent), str(root))
+    result = defs.resolve_job_def("clickstream_pipeline").execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        tags={
+            "dagster/asset_partition_range_start": "2020-07-07",
+            "dagster/asset_partition_range_end": "2020-07-08",
+        },
+    )
+    assert result.success
+    return root, result

@@ -7,13 +7,11 @@ import logging
 import shutil
 from pathlib import Path
 
-import dagster as dg
 import pandas as pd
 import pytest
 
 from anomaly_dagster import cli
 from anomaly_dagster.config import ConfigError, load_sources
-from anomaly_dagster.definitions import build_definitions
 from anomaly_dagster.spark_stream import (
     checkpoint_dir,
     kafka_lines,
@@ -37,15 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
 
 @pytest.fixture(scope="module")
-def batch(generated_logs, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+def batch(generated_logs, generated_pipeline) -> tuple[Path, pd.DataFrame]:
     """07-07..07-08 materialized by Dagster (resampled, model, scores), and 06:00-09:00 of 07-08's events."""
-    root = tmp_path_factory.mktemp("spark_stream_batch")
-    defs = build_definitions(load_sources(), str(generated_logs.files[0].parent), str(root / "warehouse"))
-    result = defs.resolve_job_def("clickstream_pipeline").execute_in_process(
-        instance=dg.DagsterInstance.ephemeral(),
-        tags={"dagster/asset_partition_range_start": "2020-07-07", "dagster/asset_partition_range_end": DAY},
-    )
-    assert result.success
     events = pd.concat(
         pd.read_json(path, lines=True, dtype=False, convert_dates=False)
         if path.suffix == ".jsonl"
@@ -54,7 +45,7 @@ def batch(generated_logs, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     )
     stamps = events["timestamp"].fillna("")
     events = events[(stamps >= FIRST) & (stamps < END)].sort_values("timestamp", kind="stable")
-    return root / "warehouse", events.reset_index(drop=True)
+    return generated_pipeline[0], events.reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +163,8 @@ def test_the_cli_runs_once_and_reports(spark, batch, tmp_path, caplog):
 def test_kafka_without_the_connector_names_the_package(spark):
     with pytest.raises(ConfigError, match="spark-sql-kafka"):
         kafka_lines(spark, "127.0.0.1:9", "clicks")
+
+
+def test_an_entity_source_is_refused(caplog):
+    assert cli.main(["spark-stream", "--source", "sensors", "--once"]) == 2
+    assert "entity column" in caplog.text
