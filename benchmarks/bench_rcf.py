@@ -11,7 +11,7 @@ scoring may use every CPU (``rcf.NUM_THREADS``). CPU time would hide the speed-u
 gives the thread count and the load average. Numba kernels are warmed up
 before timing. Our streaming starts from an empty forest (sampler fill-up included); rrcf streams its
 documented sliding-window loop (forget, insert, codisp per tree) from full trees, on few points
-because it manages ~50 points/s. The last line is JSON with all figures.
+because it manages 10-50 points/s. The last line is JSON with all figures.
 
 Usage: ``python benchmarks/bench_rcf.py [--data PATH] [--rrcf-points 300]``
 """

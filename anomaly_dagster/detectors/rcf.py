@@ -1,6 +1,6 @@
 """Robust Random Cut Forest (Guha et al., ICML 2016) on flat NumPy arrays with numba kernels.
 
-Why our own: the pure-Python ``rrcf`` package streams ~50 points/s with 100 trees, far too slow for
+Why our own: the pure-Python ``rrcf`` package streams 10-50 points/s with 100 trees, far too slow for
 per-bucket scoring, and the AWS library is Java. Here every tree is a set of flat node arrays (children,
 parent, cut dimension/value, mass, bounding box min/max) and all walks, insertions and deletions run in
 ``@njit`` kernels, so one ``update`` is one compiled call.
