@@ -484,6 +484,7 @@ def run_spark_stream_command(args: argparse.Namespace) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s spark-stream %(levelname)s %(message)s"
     )
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # one line per foreachBatch callback otherwise
     sources = load_sources()
     if args.source not in sources:
         LOG.error("unknown source %r; known: %s", args.source, sorted(sources))
