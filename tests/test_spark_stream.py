@@ -29,6 +29,8 @@ BAD_LINES = {  # JSON lines: (raw, reason)
     '{"timestamp": "2020-07-08 07:32:00", "page": "p01", "user": "  "}': "missing user",
     '{"timestamp": "yesterday", "page": "p01", "user": "u1"}': "unparseable timestamp yesterday",
 }
+# after the first run the watermark is 07:30 - 5 min: the 06:00 window has closed, this is late
+LATE = '{"timestamp": "2020-07-08 06:05:00", "page": "p01", "user": "u1"}'
 COLUMNS = ["window_start", "clicks", "users", "score", "threshold", "is_anomaly", "detectors"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -50,7 +52,7 @@ def batch(generated_logs, generated_pipeline) -> tuple[Path, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def streamed(spark, batch, tmp_path_factory) -> dict:
-    """Three runs with --once over one checkpoint: a CSV file lands, then JSON lines with bad lines,
+    """Three runs with --once over one checkpoint: a CSV file lands, then JSON lines with bad lines and a late event,
     then nothing new. Returns the stream_scores table after each run."""
     warehouse_root, events = batch
     root = tmp_path_factory.mktemp("spark_stream")
@@ -69,7 +71,7 @@ def streamed(spark, batch, tmp_path_factory) -> dict:
     first.to_csv(landing / "clicks_a.csv", index=False)
     run()
     good = second.to_json(orient="records", lines=True)
-    (landing / "clicks_b.jsonl").write_text(good + "\n".join(BAD_LINES) + "\n")
+    (landing / "clicks_b.jsonl").write_text(good + "\n".join([*BAD_LINES, LATE]) + "\n")
     (landing / "other.jsonl").write_text(good)  # not the source's files: never read
     run()
     run()
@@ -138,6 +140,12 @@ def test_bad_lines_are_quarantined_with_reasons(streamed):
     good_lines = (streamed["events"]["timestamp"] >= SPLIT).sum()
     assert quarantine["line"].tolist() == [good_lines + 1, good_lines + 2, good_lines + 3]
     assert [s.quarantined for s in streamed["summaries"]] == [0, 3, 0]
+
+
+def test_a_late_event_is_dropped_and_counted(streamed):
+    assert [s.late_dropped for s in streamed["summaries"]] == [0, 1, 0]
+    first_window = streamed["tables"][-1].iloc[0]
+    assert first_window["clicks"] == streamed["tables"][0].iloc[0]["clicks"]  # not counted after closing
 
 
 def test_the_cli_runs_once_and_reports(spark, batch, tmp_path, caplog):
