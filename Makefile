@@ -17,8 +17,8 @@ DEMO_DAYS := 14
 SENSORS_START := 2024-03-01
 SENSORS_END := 2024-03-05
 SENSORS_DAYS := 5
-# one process for the whole chain (stages run in order anyway), INFO-level logs
-RUN_CONFIG := {"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+# INFO-level logs (the code location's executor runs the whole chain in one process)
+RUN_CONFIG := {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 .PHONY: setup demo test dev backfill lint clean browser
 
