@@ -138,6 +138,33 @@ def run_ingest(context: StageContext, days: list[date]) -> list[AssetOutput]:
 # --- resample ------------------------------------------------------------------------------------
 
 
+AGGREGATIONS = {
+    "count": "count({})",
+    "nunique": "count(DISTINCT {})",
+    "sum": "sum({})",
+    "mean": "avg({})",
+    "min": "min({})",
+    "max": "max({})",
+    "p95": "quantile_cont({}, 0.95)",
+}
+
+
+def _metric_sql(source: SourceConfig) -> tuple[str, str]:
+    """The metrics' aggregate expressions, and the same metrics on the grid (counts 0 where empty)."""
+    metrics = ", ".join(
+        AGGREGATIONS[metric.agg].format(quote_identifier(metric.column) if metric.column else "*")
+        + f" AS {quote_identifier(metric.name)}"
+        for metric in source.metrics
+    )
+    filled = ", ".join(
+        f"coalesce(a.{quote_identifier(metric.name)}, 0) AS {quote_identifier(metric.name)}"
+        if metric.is_count
+        else f"a.{quote_identifier(metric.name)}"
+        for metric in source.metrics
+    )
+    return metrics, filled
+
+
 def resample_sql(source: SourceConfig, event_files: list[str], days: list[date]) -> str:
     """One query: bucket every event of ``days`` and left-join onto the full bucket grid.
 
@@ -149,27 +176,8 @@ def resample_sql(source: SourceConfig, event_files: list[str], days: list[date])
     """
     if source.entity is not None:
         return _entity_resample_sql(source, event_files, days)
-    aggregations = {
-        "count": lambda column: f"count({column or '*'})",
-        "nunique": lambda column: f"count(DISTINCT {column})",
-        "sum": lambda column: f"sum({column})",
-        "mean": lambda column: f"avg({column})",
-        "min": lambda column: f"min({column})",
-        "max": lambda column: f"max({column})",
-        "p95": lambda column: f"quantile_cont({column}, 0.95)",
-    }
     interval = f"INTERVAL {int(source.bucket_minutes)} MINUTE"
-    metrics = ", ".join(
-        f"{aggregations[metric.agg](quote_identifier(metric.column) if metric.column else '')} "
-        f"AS {quote_identifier(metric.name)}"
-        for metric in source.metrics
-    )
-    filled = ", ".join(
-        f"coalesce(a.{quote_identifier(metric.name)}, 0) AS {quote_identifier(metric.name)}"
-        if metric.is_count
-        else f"a.{quote_identifier(metric.name)}"
-        for metric in source.metrics
-    )
+    metrics, filled = _metric_sql(source)
     grid = " UNION ALL ".join(
         f"SELECT unnest(range({quote_literal(day.isoformat())}::TIMESTAMP, "
         f"{quote_literal((day + timedelta(days=1)).isoformat())}::TIMESTAMP, {interval})) AS bucket_start"
@@ -191,26 +199,7 @@ def _entity_resample_sql(source: SourceConfig, event_files: list[str], days: lis
     """:func:`resample_sql` with one grid per entity and day, ordered by entity then bucket."""
     interval = f"INTERVAL {int(source.bucket_minutes)} MINUTE"
     entity = quote_identifier(source.entity, "entity column")
-    aggregations = {
-        "count": "count({})",
-        "nunique": "count(DISTINCT {})",
-        "sum": "sum({})",
-        "mean": "avg({})",
-        "min": "min({})",
-        "max": "max({})",
-        "p95": "quantile_cont({}, 0.95)",
-    }
-    metrics = ", ".join(
-        aggregations[metric.agg].format(quote_identifier(metric.column) if metric.column else "*")
-        + f" AS {quote_identifier(metric.name)}"
-        for metric in source.metrics
-    )
-    filled = ", ".join(
-        f"coalesce(a.{quote_identifier(metric.name)}, 0) AS {quote_identifier(metric.name)}"
-        if metric.is_count
-        else f"a.{quote_identifier(metric.name)}"
-        for metric in source.metrics
-    )
+    metrics, filled = _metric_sql(source)
     wanted = "[" + ", ".join(f"{quote_literal(day.isoformat())}::DATE" for day in days) + "]"
     files = "[" + ", ".join(quote_literal(path) for path in event_files) + "]"
     events = (
