@@ -8,9 +8,10 @@ is a configuration or producer error, not a bad row: it fails with a message nam
 
 The rules for bad input, case by case:
 
-- *Lines*: one event per physical line. Blank lines are skipped. A line with the wrong number of
-  fields, bytes that are not UTF-8, or more than DuckDB's maximum line size is quarantined with
-  DuckDB's reason. A quote that does not close on its line would make the CSV reader swallow the
+- *Lines*: one event per physical line, ended by ``\\n`` or ``\\r\\n`` (a file may mix them: DuckDB's
+  reader refuses that, so such a file is read from a copy with ``\\n`` ends). Blank lines are
+  skipped. A line with the wrong number of fields, bytes that are not UTF-8, or more than DuckDB's
+  maximum line size is quarantined with DuckDB's reason. A quote that does not close on its line would make the CSV reader swallow the
   following lines into one record: when that happens, the lines with an unbalanced quote are
   quarantined ("unterminated quote") and the file is read again without them, so the lines after
   them are read as the events they are.
@@ -139,8 +140,9 @@ def _open_binary(path: Path) -> Iterator[BinaryIO]:
         raise UnreadableFile(f"cannot read: {error}") from None
 
 
-def _blank_lines(path: Path) -> list[int]:
-    """Numbers of the empty lines (``\\n`` or ``\\r\\n`` only), which DuckDB's CSV reader skips.
+def _scan_lines(path: Path) -> tuple[list[int], bool]:
+    """Numbers of the empty lines (``\\n`` or ``\\r\\n`` only), which DuckDB's CSV reader skips, and
+    whether the file mixes ``\\n`` and ``\\r\\n`` line ends, which that reader refuses.
 
     Vectorised over chunks, so a long file costs about as much as decompressing it. Reading to the
     end also verifies a gzip file (stream end and CRC).
@@ -149,6 +151,7 @@ def _blank_lines(path: Path) -> list[int]:
     base = 1  # number of the line the chunk starts in
     partial = 0  # bytes of that line seen in earlier chunks
     partial_cr = False  # whether those bytes end with \r
+    crlf = lf = 0  # line ends of each kind
     with _open_binary(path) as handle:
         while chunk := handle.read(_SCAN_CHUNK):
             data = np.frombuffer(chunk, dtype=np.uint8)
@@ -164,15 +167,31 @@ def _blank_lines(path: Path) -> list[int]:
             carriage = np.zeros(len(ends), dtype=bool)
             filled = lengths > 0
             carriage[filled] = data[ends[filled] - 1] == 13
+            if partial and not lengths[0]:
+                carriage[0] = partial_cr
             content = lengths - carriage
             if partial:
-                first_cr = bool(carriage[0]) if lengths[0] else partial_cr
-                content[0] = partial + lengths[0] - first_cr
+                content[0] = partial + lengths[0] - carriage[0]
             blank.append(base + np.flatnonzero(content == 0))
+            crlf += int(carriage.sum())
+            lf += len(ends) - int(carriage.sum())
             base += len(ends)
             partial = len(data) - int(ends[-1]) - 1
             partial_cr = partial > 0 and bool(data[-1] == 13)
-    return [int(line) for part in blank for line in part]
+    return [int(line) for part in blank for line in part], bool(crlf and lf)
+
+
+def _with_lf_line_ends(path: Path, directory: Path) -> Path:
+    """A copy of a text file with its ``\\r\\n`` line ends made ``\\n`` (line numbers kept)."""
+    target = directory / "lf.csv"
+    with _open_binary(path) as source, open(target, "wb") as out:
+        held = b""  # a \r ending a chunk may start the next chunk's \r\n
+        while chunk := source.read(_SCAN_CHUNK):
+            chunk = held + chunk
+            held = b"\r" if chunk.endswith(b"\r") else b""
+            out.write(chunk[: len(chunk) - len(held)].replace(b"\r\n", b"\n"))
+        out.write(held)
+    return target
 
 
 def _unbalanced_quote(line: bytes) -> bool:
@@ -262,7 +281,7 @@ def _csv_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, p
     header = _csv_header(path)
     position = {name: index for index, name in reversed(list(enumerate(header)))}
     _require_columns(source, path, set(position))
-    blank = _blank_lines(path)  # also proves a gzip file complete before DuckDB reads it
+    blank, mixed = _scan_lines(path)  # also proves a gzip file complete before DuckDB reads it
     columns = "{" + ", ".join(f"'c{index}': 'VARCHAR'" for index in range(len(header))) + "}"
     select = ", ".join(
         f"c{position[name]} AS {quote_identifier(name)}"
@@ -280,12 +299,14 @@ def _csv_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, p
             "escape = '\"', store_rejects = true)"
         )
 
-    read(path)
     emptied: dict[int, str] = {}
-    if _records_span_lines(connection, names):
-        # a quote left open swallowed the lines after it: read again without the lines that open one
-        with tempfile.TemporaryDirectory(prefix="anomaly-ingest-") as directory:
-            copy, emptied = _without_unbalanced_lines(path, Path(directory))
+    with tempfile.TemporaryDirectory(prefix="anomaly-ingest-") as directory:
+        # DuckDB's reader refuses a file mixing line ends: it reads a copy with \n ends instead
+        target = _with_lf_line_ends(path, Path(directory)) if mixed else path
+        read(target)
+        if _records_span_lines(connection, names):
+            # a quote left open swallowed the lines after it: read again without the lines that open one
+            copy, emptied = _without_unbalanced_lines(target, Path(directory))
             if emptied:
                 read(copy)
     return _Lines(header=1, skipped=sorted(set(blank) | set(emptied)), quarantined=emptied)

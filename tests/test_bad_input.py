@@ -765,16 +765,23 @@ def test_every_good_corpus_row_is_a_raw_event(headline):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 22])
-def test_blank_line_scan_matches_a_line_by_line_count(
+def test_line_scan_matches_a_line_by_line_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    """Blank lines (``\\n`` or ``\\r\\n``) are found wherever chunks of the stream happen to split."""
+    """Blank lines (``\\n`` or ``\\r\\n``) and mixed line ends are found wherever chunks of the stream
+    happen to split, and the copy with ``\\n`` line ends keeps every other byte."""
     rng = np.random.default_rng(chunk)
     pieces = [b"", b"\r", b"a", b"\r\r", b"xy\rz", b'"q"', b"\x00"]
     lines = [pieces[i] for i in rng.integers(0, len(pieces), 400)]
-    data = b"\n".join(lines) + (b"\n" if chunk % 2 else b"")
-    expected = [n for n, line in enumerate(data.split(b"\n")[: data.count(b"\n")], 1) if line in (b"", b"\r")]
     monkeypatch.setattr(ingest, "_SCAN_CHUNK", chunk)
-    for name, payload in (("plain.csv", data), ("packed.csv.gz", gzip.compress(data))):
-        (tmp_path / name).write_bytes(payload)
-        assert ingest._blank_lines(tmp_path / name) == expected, name
+    for ends in ("mixed", "crlf"):
+        if ends == "crlf":
+            lines = [line.rstrip(b"\r") + b"\r" for line in lines]
+        data = b"\n".join(lines) + (b"\n" if chunk % 2 else b"")
+        terminated = data.split(b"\n")[: data.count(b"\n")]
+        expected = [n for n, line in enumerate(terminated, 1) if line in (b"", b"\r")]
+        for name, payload in (("plain.csv", data), ("packed.csv.gz", gzip.compress(data))):
+            (tmp_path / name).write_bytes(payload)
+            assert ingest._scan_lines(tmp_path / name) == (expected, ends == "mixed"), (name, ends)
+            copy = ingest._with_lf_line_ends(tmp_path / name, tmp_path)
+            assert copy.read_bytes() == data.replace(b"\r\n", b"\n"), (name, ends)

@@ -376,6 +376,39 @@ def test_blank_lines_do_not_shift_line_numbers(tmp_path: Path, source: SourceCon
     assert window.quarantine[DAY1]["line"].tolist() == [5, 6]
 
 
+@pytest.mark.parametrize(
+    ("header", "rows", "blank"),
+    [("\r\n", "\n", "\n"), ("\n", "\r\n", "\r\n"), ("\n", "\n", "\r\n"), ("\r\n", "\r\n", "\n")],
+    ids=["crlf-header", "crlf-rows", "one-crlf-blank", "one-lf-blank"],
+)
+@pytest.mark.parametrize("name", ["clicks_mixed.csv", "clicks_mixed.csv.gz"])
+def test_mixed_line_ends_are_read_line_by_line(
+    tmp_path: Path, source: SourceConfig, name: str, header: str, rows: str, blank: str
+) -> None:
+    """DuckDB's reader refuses a file mixing ``\\n`` and ``\\r\\n``: every line is still read."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    text = (
+        f"timestamp,page,user,session_id{header}"  # 1
+        f"2020-07-07 01:00:00,p,u2,s{rows}"  # 2
+        f"{blank}"  # 3 blank
+        f'2020-07-07 01:00:00,"p,u4,s{rows}'  # 4 unterminated quote
+        f"2020-07-07 01:00:00,p,u5,s,extra{rows}"  # 5 rejected
+        f"2020-07-07 01:00:00,p,,s{rows}"  # 6 missing user
+        f"2020-07-07 01:00:00,p,u7,s{rows}"  # 7
+    )
+    path = landing / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    _, window = index_and_ingest(source, landing, [DAY1])
+    events = events_of(window, DAY1)
+    assert dict(zip(events["user"], events["line"], strict=True)) == {"u2": 2, "u7": 7}
+    assert events["session_id"].tolist() == ["s", "s"]
+    quarantine = window.quarantine[DAY1]
+    assert quarantine["line"].tolist() == [4, 5, 6]
+    assert quarantine["reason"].iloc[0] == ingest.UNTERMINATED_QUOTE
+    assert quarantine["reason"].iloc[2] == "missing user"
+
+
 def test_columns_are_found_by_header_name_not_position(tmp_path: Path, source: SourceConfig) -> None:
     landing = tmp_path / "landing"
     landing.mkdir()

@@ -11,9 +11,9 @@ numbered from each split's record counter (:func:`numbered_lines`), Parquet rows
 
 Known differences, all on malformed input: a line opening a quote that never closes is always
 quarantined as "unterminated quote" (DuckDB says "UNQUOTED VALUE" when it is the file's last line);
-a line with several kinds of CSV error gets one reason; a file mixing ``\\n`` and ``\\r\\n`` line
-ends is read (DuckDB refuses it); JSON with text after the object, or with ``NaN``, is judged by
-Spark's JSON parser, and of a key given twice Spark reads the last value (DuckDB the first); a file Spark cannot read is quarantined with Spark's error, unless it is a
+a line with several kinds of CSV error gets one reason; JSON with text after the object, or with
+``NaN``, is judged by Spark's JSON parser, and of a key given twice Spark reads the last value
+(DuckDB the first); a file Spark cannot read is quarantined with Spark's error, unless it is a
 gzip file, which Python's reader checks with the DuckDB engine's wording.
 
 Needs a classic (not Spark Connect) session and local paths; the engine sets the SQL options it
