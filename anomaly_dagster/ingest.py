@@ -16,7 +16,7 @@ The rules for bad input, case by case:
   quarantined ("unterminated quote") and the file is read again without them, so the lines after
   them are read as the events they are.
 - *Fields*: a field longer than ``max_field_length`` or holding control characters (NUL, line
-  breaks, other C0 bytes; tab is allowed) is quarantined; so is a number that does not parse, is
+  breaks, other C0 controls, DEL, C1 controls U+0080-U+009F; tab is allowed) is quarantined; so is a number that does not parse, is
   NaN or infinite, or is below the column's ``min_value``.
 - *Timestamps*: naive times are in the source's time zone; an explicit offset (``+02:00``,
   ``+0200``, also after a space, or ``Z``) or zone name wins, so files and rows may mix them. A
@@ -72,7 +72,8 @@ TEXT_COLUMN = "_line_text"
 RAW_MAX_CHARS = 4096  # raw text kept per quarantine row
 SHOWN_MAX_CHARS = 64  # of a value echoed in a reason
 MAX_OFFSET_HOURS = 18
-CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f]"  # RE2 class: C0 controls and DEL except tab
+# RE2 (and Java) class of code points: C0 controls except tab, DEL, C1 controls (U+0085 is a line end to some readers)
+CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f-\x9f]"
 UNTERMINATED_QUOTE = "unterminated quote: a quoted field does not close on its line"
 _SCAN_CHUNK = 1 << 22
 

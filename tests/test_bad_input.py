@@ -281,6 +281,30 @@ def build_cases() -> list[Case]:
             },
         )
     )
+    cases.append(
+        Case(
+            "C1 control characters",
+            {
+                "clicks_c1.csv": csv_bytes(
+                    HEADER,
+                    good("2020-07-14 00:06:00", "c1u2", page="p\u0085nel"),
+                    good("2020-07-14 00:06:01", "c1u3\u009b[31m"),
+                    "2020-07-14 00:06:02,p01,c1u4,s\u0080",
+                    good("2020-07-14 00:06:03", "c1u5\u00a0\u00ff", page="p\u00e9\u2028"),  # not controls
+                ),
+                "clicks_c1.jsonl": csv_bytes(
+                    '{"timestamp": "2020-07-14 00:06:04", "page": "p\\u009f", "user": "c1j1"}'
+                ),
+            },
+            bad=[
+                ("clicks_c1.csv", 2, r"control characters in page"),
+                ("clicks_c1.csv", 3, r"control characters in user"),
+                ("clicks_c1.csv", 4, r"control characters in session_id"),
+                ("clicks_c1.jsonl", 1, r"control characters in page"),
+            ],
+            good=[("clicks_c1.csv", 5, "c1u5\u00a0\u00ff")],
+        )
+    )
     exact = "long3" + "x" * (1024 - len("long3"))
     cases.append(
         Case(

@@ -76,6 +76,7 @@ DISAGREEMENTS = {
         "control_character_c1_nel",
         "page 'hxp\\x85nel' (U+0085 NEXT LINE, a C1 control and a line end for str.splitlines) is kept; "
         "CONTROL_CHARACTERS covers C0 and DEL only, so C1 controls (U+0080-U+009F, e.g. U+009B CSI) pass",
+        fixed=True,
     ),
     "date_only_timestamp": Disagreement(
         H07,
