@@ -16,12 +16,19 @@ The rules for bad input, case by case:
   quarantined ("unterminated quote") and the file is read again without them, so the lines after
   them are read as the events they are.
 - *Fields*: a field longer than ``max_field_length`` or holding control characters (NUL, line
-  breaks, other C0 controls, DEL, C1 controls U+0080-U+009F; tab is allowed) is quarantined; so is a number that does not parse, is
-  NaN or infinite, or is below the column's ``min_value``.
-- *Timestamps*: naive times are in the source's time zone; an explicit offset (``+02:00``,
-  ``+0200``, also after a space, or ``Z``) or zone name wins, so files and rows may mix them. A
-  timestamp that does not parse, has an offset beyond ±18:00, or falls before ``start_date`` or more
-  than two days in the future is quarantined. A naive local time in a daylight-saving gap or
+  breaks, other C0 controls, DEL, C1 controls U+0080-U+009F; tab is allowed) is quarantined; so is
+  a number that does not parse, is NaN or infinite, or is below the column's ``min_value``.
+- *JSON*: a line must be one JSON object by RFC 8259 (DuckDB's parser also takes a trailing comma,
+  ``NaN`` and ``Infinity``; they are malformed JSON, as for Spark). A text column given a JSON
+  boolean, object or array is quarantined as the wrong type; a number is kept as its text (numeric
+  user ids are common and lossless).
+- *Timestamps*: the source's format, else ISO 8601 with a full time of day (a date alone or a
+  truncated time such as ``10:5`` is unparseable, not read as 00:00 or 10:05). Naive times are in
+  the source's time zone; an explicit offset (``+02:00``, ``+0200``, also after a space, or ``Z``),
+  ``UTC``/``GMT`` or an IANA zone name (``Europe/Berlin``) wins, so files and rows may mix them. A
+  zone abbreviation (``PST``, ``IST``) is ambiguous and quarantined as such. A timestamp that does
+  not parse, has an offset beyond ±18:00, or falls before ``start_date`` or more than two days in
+  the future is quarantined. A naive local time in a daylight-saving gap or
   overlap is read at the zone's standard offset (DuckDB's rule), not quarantined.
 - *Files*: an empty CSV file (no header) and a file DuckDB or gzip cannot read (truncated or
   corrupt gzip, binary content) are quarantined as a whole; a header-only CSV file, an empty JSON
@@ -72,9 +79,20 @@ TEXT_COLUMN = "_line_text"
 RAW_MAX_CHARS = 4096  # raw text kept per quarantine row
 SHOWN_MAX_CHARS = 64  # of a value echoed in a reason
 MAX_OFFSET_HOURS = 18
+# What the fallback to ISO 8601 reads when the configured format does not: a full time of day (DuckDB's
+# cast would read '2020-07-15' as midnight and '10:5' as 10:05), then an offset, Z, UTC/GMT or an IANA
+# zone name. Not an abbreviation: ICU reads PST as Los Angeles time, daylight saving included.
+ISO_TIMESTAMP = (
+    r"\d{4,}-\d{1,2}-\d{1,2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?"
+    r"(Z|\s*[+-]\d{2}(:?\d{2}){0,2}| (UTC|GMT|[A-Za-z_]+(/[A-Za-z0-9_+-]+)+))?"
+)
+ZONE_ABBREVIATION = r"\d *[A-Z]{3,5}$"  # 10:00:00 PST, CEST, IST
 # RE2 (and Java) class of code points: C0 controls except tab, DEL, C1 controls (U+0085 is a line end to some readers)
 CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f-\x9f]"
 UNTERMINATED_QUOTE = "unterminated quote: a quoted field does not close on its line"
+# outside its strings, JSON that DuckDB's json_valid accepts beyond RFC 8259: a trailing comma, NaN, Infinity
+LENIENT_JSON = r"(?i),\s*[}\]]|nan|inf"
+JSON_STRING = r'"(?:[^"\\]|\\.)*"'
 _SCAN_CHUNK = 1 << 22
 
 
@@ -327,22 +345,23 @@ def _jsonl_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig,
     names = [source.timestamp.column, *(column.name for column in source.columns)]
     _check_json_start(path)
     extracted = ", ".join(
-        f"CASE WHEN json_valid({TEXT_COLUMN}) THEN json_extract_string({TEXT_COLUMN}, "
+        f"CASE WHEN __valid THEN json_extract_string({TEXT_COLUMN}, "
         f"{quote_literal('$.' + name)}) END AS {quote_identifier(name)}"
         for name in names
     )
     _clear_rejects(connection)
     # number every line first, then drop blank ones: they are not events, as in CSV
     connection.execute(
-        "CREATE OR REPLACE TEMP TABLE landed AS SELECT * FROM (SELECT row_number() OVER () AS line, "
-        f"{extracted}, {TEXT_COLUMN} FROM read_csv({literal}, columns = {{'{TEXT_COLUMN}': 'VARCHAR'}}, "
+        f"CREATE OR REPLACE TEMP TABLE landed AS SELECT line, {extracted}, {TEXT_COLUMN} FROM ("
+        f"SELECT *, {_strict_json_valid(TEXT_COLUMN)} AS __valid FROM (SELECT row_number() OVER () AS line, "
+        f"{TEXT_COLUMN} FROM read_csv({literal}, columns = {{'{TEXT_COLUMN}': 'VARCHAR'}}, "
         "header = false, delim = E'\\x01', quote = '', escape = '', auto_detect = false, strict_mode = false, "
-        f"store_rejects = true)) WHERE trim(coalesce({TEXT_COLUMN}, '')) <> ''"
+        f"store_rejects = true)) WHERE trim(coalesce({TEXT_COLUMN}, '')) <> '')"
     )
     required = [source.timestamp.column, *(column.name for column in source.columns if column.required)]
     counts = connection.execute(
         f"SELECT count(*), {', '.join(f'count(*) FILTER (WHERE json_exists({TEXT_COLUMN}, ?))' for _ in required)} "
-        f"FROM landed WHERE json_valid({TEXT_COLUMN}) AND json_type({TEXT_COLUMN}) = 'OBJECT'",
+        f"FROM landed WHERE {_strict_json_valid(TEXT_COLUMN)} AND json_type({TEXT_COLUMN}) = 'OBJECT'",
         [f"$.{name}" for name in required],
     ).fetchone()
     missing = [name for name, count in zip(required, counts[1:], strict=True) if count == 0]
@@ -352,6 +371,16 @@ def _jsonl_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig,
             f"none of its {counts[0]} JSON objects has them"
         )
     return _Lines(header=0, skipped=[], quarantined={})
+
+
+def _strict_json_valid(text: str) -> str:
+    """SQL: whether ``text`` is JSON by RFC 8259 (a trailing comma or NaN makes it malformed, as for
+    Spark's parser); the string-blind regex runs only on a line that may hold one."""
+    lenient = quote_literal(LENIENT_JSON)
+    return (
+        f"CASE WHEN NOT json_valid({text}) THEN false WHEN NOT regexp_matches({text}, {lenient}) THEN true "
+        f"ELSE NOT regexp_matches(regexp_replace({text}, {quote_literal(JSON_STRING)}, '\"\"', 'g'), {lenient}) END"
+    )
 
 
 def _check_json_start(path: Path) -> None:
@@ -406,6 +435,23 @@ def _shown(expression: str) -> str:
     )
 
 
+def _json_type_checks(source: SourceConfig) -> list[str]:
+    """CASE branches: a text column given a JSON boolean, object or array (a number is kept as its text,
+    as numeric ids are). Only a value that reads as one (``true``, ``{...``) has its JSON type looked up."""
+    checks = []
+    for column in source.columns:
+        if column.type == "number":
+            continue  # 'true' or '{...' is not a number anyway
+        name, path = quote_identifier(column.name), quote_literal(f"$.{column.name}")
+        kind = f"json_type({TEXT_COLUMN}, {path})"
+        checks.append(
+            f"WHEN ({name} IN ('true', 'false') OR left({name}, 1) IN ('{{', '[')) "
+            f"AND {kind} IN ('BOOLEAN', 'OBJECT', 'ARRAY') "
+            f"THEN 'wrong JSON type in {column.name}: ' || lower({kind}) || ' (expected a string)'"
+        )
+    return checks
+
+
 def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
     """SELECT over ``landed`` giving typed columns plus ``reason`` (NULL for a good row).
 
@@ -418,16 +464,14 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
     zone, fmt = source.timestamp.timezone, source.timestamp.format
     # an offset after a space (10:00:00 +02:00) is an offset too
     offset_joined = r"regexp_replace(__ts, '\s+([+-]\d{2}(?::?\d{2})?)$', '\1')"
+    iso = f"try_cast(CASE WHEN regexp_full_match(__ts, {quote_literal(ISO_TIMESTAMP)}) THEN {offset_joined} END AS TIMESTAMPTZ)"
     offset_hours = r"regexp_extract(__ts, ':\d{2}(?:\.\d+)?\s*([+-]\d{2})(?::?\d{2})*$', 1)"
     if zone == "UTC" and "%z" not in fmt:  # the zone conversions of a naive UTC time are the identity
-        parsed = (
-            f"coalesce(try_strptime(__ts, {quote_literal(fmt)}), "
-            f"timezone('UTC', try_cast({offset_joined} AS TIMESTAMPTZ)))"
-        )
+        parsed = f"coalesce(try_strptime(__ts, {quote_literal(fmt)}), timezone('UTC', {iso}))"
     else:
         parsed = (
             f"timezone('UTC', coalesce(timezone({quote_literal(zone)}, try_strptime(__ts, {quote_literal(fmt)})), "
-            f"try_cast({offset_joined} AS TIMESTAMPTZ)))"
+            f"{iso}))"
         )
     # an offset follows a ':' (of the time), so without a sign after the first ':' there is none
     after_colon = "substr(__ts, strpos(__ts, ':'))"
@@ -440,15 +484,18 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
     latest = quote_literal((datetime.now(UTC) + timedelta(days=2)).date().isoformat())
     limit = source.max_field_length
     checks = [
-        f"WHEN {TEXT_COLUMN} IS NOT NULL AND NOT json_valid({TEXT_COLUMN}) THEN 'malformed JSON'"
+        f"WHEN {TEXT_COLUMN} IS NOT NULL AND NOT ({_strict_json_valid(TEXT_COLUMN)}) THEN 'malformed JSON'"
         if kind == "jsonl"
         else None,
         f"WHEN {TEXT_COLUMN} IS NOT NULL AND json_type({TEXT_COLUMN}) <> 'OBJECT' THEN 'JSON line is not an object'"
         if kind == "jsonl"
         else None,
+        *(_json_type_checks(source) if kind == "jsonl" else []),
         f"WHEN length({ts}) > {limit} THEN 'field {source.timestamp.column} longer than {limit} characters'",
         "WHEN __ts IS NULL OR __ts = '' THEN 'missing timestamp'",
         f"WHEN bad_offset THEN 'timestamp offset beyond ±{MAX_OFFSET_HOURS}:00 ' || {_shown(ts)}",
+        f"WHEN ts_utc IS NULL AND regexp_matches(__ts, {quote_literal(ZONE_ABBREVIATION)}) "
+        f"THEN 'ambiguous time zone abbreviation in timestamp ' || {_shown(ts)}",
         f"WHEN ts_utc IS NULL THEN 'unparseable timestamp ' || {_shown(ts)}",
         f"WHEN ts_utc < {earliest}::TIMESTAMP OR ts_utc >= {latest}::TIMESTAMP "
         "THEN 'timestamp outside the source range ' || strftime(ts_utc, '%Y-%m-%d %H:%M:%S')",

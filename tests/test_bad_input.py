@@ -116,8 +116,18 @@ def build_cases() -> list[Case]:
         ("0020-07-15 10:00:00", r"timestamp outside the source range 0020-07-15 10:00:00"),
         ("2020-07-15T10:00:00+25:00", r"timestamp offset beyond ±18:00 2020-07-15T10:00:00\+25:00"),
         ("", r"missing timestamp"),
-        ("2020-07-15 10:00:00 CEST", r"unparseable timestamp 2020-07-15 10:00:00 CEST"),
+        (
+            "2020-07-15 10:00:00 CEST",
+            r"ambiguous time zone abbreviation in timestamp 2020-07-15 10:00:00 CEST",
+        ),
+        # ICU would read PST as Los Angeles time, daylight saving (-07:00) included
+        ("2020-07-15 10:00:00 PST", r"ambiguous time zone abbreviation in timestamp 2020-07-15 10:00:00 PST"),
+        ("2020-07-15", r"unparseable timestamp 2020-07-15"),  # no time of day: not midnight
+        ("2020-07-15 10:0", r"unparseable timestamp 2020-07-15 10:0"),  # truncated: not 10:00
+        ("2020-07-15T10:5", r"unparseable timestamp 2020-07-15T10:5"),  # not 10:05
+        ("2020-07-15 10:00", r"unparseable timestamp 2020-07-15 10:00"),  # the format has seconds
     ]
+    after = 3 + len(timestamps)
     cases.append(
         Case(
             "unparseable and out-of-range timestamps",
@@ -126,15 +136,15 @@ def build_cases() -> list[Case]:
                     HEADER,
                     good("2020-07-14 00:00:02", "ts2"),
                     *(f"{stamp},p01,ts{line},s" for line, (stamp, _) in enumerate(timestamps, 3)),
-                    good("2020-07-16 00:00:15", "ts15"),
-                    good("2020-07-15 24:00:00", "ts16"),  # ISO 8601 end of day: 2020-07-16 00:00
+                    good("2020-07-16 00:00:15", f"ts{after}"),
+                    good("2020-07-15 24:00:00", f"ts{after + 1}"),  # ISO 8601 end of day: 2020-07-16 00:00
+                    good("2020-07-14 10:00:00 UTC", f"ts{after + 2}"),
                 )
             },
             bad=[("clicks_timestamps.csv", line, reason) for line, (_, reason) in enumerate(timestamps, 3)],
             good=[
                 ("clicks_timestamps.csv", 2, "ts2"),
-                ("clicks_timestamps.csv", 15, "ts15"),
-                ("clicks_timestamps.csv", 16, "ts16"),
+                *(("clicks_timestamps.csv", line, f"ts{line}") for line in range(after, after + 3)),
             ],
         )
     )
@@ -435,6 +445,38 @@ def build_cases() -> list[Case]:
             good=[("clicks_bad.jsonl", 1, "json1"), ("clicks_bad.jsonl", 7, "json7")],
         )
     )
+    stamp = '{"timestamp": "2020-07-14 00:07:0'
+    cases.append(
+        Case(
+            "JSON types and JSON beyond RFC 8259",
+            {
+                "clicks_types.jsonl": csv_bytes(
+                    stamp + '0", "page": true, "user": "jt1"}',
+                    stamp + '1", "page": "p", "user": {"id": "jt2"}}',
+                    stamp + '2", "page": "p", "user": "jt3", "session_id": ["s"]}',
+                    stamp + '3", "page": "p", "user": 28904}',  # a numeric id: kept as its text
+                    stamp + '4", "page": "true", "user": "jt5", "session_id": null}',
+                    stamp + '5", "page": "p", "user": "jt6",}',
+                    stamp + '6", "page": "p", "user": "jt7", "n": NaN}',
+                    stamp + '7", "page": "p, NaN,}", "user": "jt8", "n": [1, {"a": -1}]}',
+                    stamp + '8", "page": "p", "user": "jt9", "n": [1, 2, ]}',
+                )
+            },
+            bad=[
+                ("clicks_types.jsonl", 1, r"wrong JSON type in page: boolean \(expected a string\)"),
+                ("clicks_types.jsonl", 2, r"wrong JSON type in user: object \(expected a string\)"),
+                ("clicks_types.jsonl", 3, r"wrong JSON type in session_id: array \(expected a string\)"),
+                ("clicks_types.jsonl", 6, r"malformed JSON"),
+                ("clicks_types.jsonl", 7, r"malformed JSON"),
+                ("clicks_types.jsonl", 9, r"malformed JSON"),
+            ],
+            good=[
+                ("clicks_types.jsonl", 4, "28904"),
+                ("clicks_types.jsonl", 5, "jt5"),
+                ("clicks_types.jsonl", 8, "jt8"),
+            ],
+        )
+    )
     return cases
 
 
@@ -587,7 +629,7 @@ def test_non_finite_and_negative_numbers_are_quarantined(tmp_path: Path, timed_s
         csv_bytes(
             json.dumps({"timestamp": "2020-07-14 00:06:00", "page": "p", "user": "jnum1", "duration_ms": -1}),
             '{"timestamp": "2020-07-14 00:06:01", "page": "p", "user": "jnum2", "duration_ms": 1e999}',
-            # not strict JSON, but DuckDB's parser reads NaN
+            # not JSON (RFC 8259), though DuckDB's parser reads NaN: malformed
             '{"timestamp": "2020-07-14 00:06:02", "page": "p", "user": "jnum3", "duration_ms": NaN}',
             json.dumps(
                 {"timestamp": "2020-07-14 00:06:03", "page": "p", "user": "jnum4", "duration_ms": 250}
@@ -612,7 +654,7 @@ def test_non_finite_and_negative_numbers_are_quarantined(tmp_path: Path, timed_s
         + [
             ("clicks_timed.jsonl", 1, "duration_ms below minimum"),
             ("clicks_timed.jsonl", 2, "non-finite duration_ms"),
-            ("clicks_timed.jsonl", 3, "non-finite duration_ms"),
+            ("clicks_timed.jsonl", 3, "malformed JSON"),
             ("clicks_timed.parquet", 2, "non-finite duration_ms"),
             ("clicks_timed.parquet", 3, "non-finite duration_ms"),
             ("clicks_timed.parquet", 4, "duration_ms below minimum"),

@@ -11,9 +11,8 @@ numbered from each split's record counter (:func:`numbered_lines`), Parquet rows
 
 Known differences, all on malformed input: a line opening a quote that never closes is always
 quarantined as "unterminated quote" (DuckDB says "UNQUOTED VALUE" when it is the file's last line);
-a line with several kinds of CSV error gets one reason; JSON with text after the object, or with
-``NaN``, is judged by Spark's JSON parser, and of a key given twice Spark reads the last value
-(DuckDB the first); a file Spark cannot read is quarantined with Spark's error, unless it is a
+a line with several kinds of CSV error gets one reason; JSON with text after the object is judged
+by Spark's JSON parser, and of a key given twice Spark reads the last value (DuckDB the first); a file Spark cannot read is quarantined with Spark's error, unless it is a
 gzip file, which Python's reader checks with the DuckDB engine's wording.
 
 Needs a classic (not Spark Connect) session and local paths; the engine sets the SQL options it
@@ -79,9 +78,10 @@ QUOTED = r'^ *"((?:[^"]|"")*)" *$'
 OPEN_QUOTE = r'(^|,) *"(?:[^"]|"")*$'  # a field opens a quote the line does not close
 _DIGITS = r"\d+(_\d+)*"  # DuckDB's cast accepts single underscores between digits
 NUMBER = rf"(?i)^[+-]?(({_DIGITS}\.?({_DIGITS})?|\.{_DIGITS})(e[+-]?{_DIGITS})?|inf|infinity|nan)$"
-_DATE, _TIME = r"\d{4}-\d{1,2}-\d{1,2}", r"[T ]\d{1,2}:\d{1,2}(:\d{1,2}(\.\d*)?)?"
-ISO_LOCAL = rf"^{_DATE}({_TIME})?$"
-ISO_ZONED = rf"^{_DATE}{_TIME}(Z|[+-]\d{{2}}(:?\d{{2}}){{0,2}}| [A-Za-z][A-Za-z0-9_/+-]+)$"
+# ingest.ISO_TIMESTAMP, split: a full time of day, zoned by an offset, Z, UTC/GMT or an IANA name
+_DATE, _TIME = r"\d{4,}-\d{1,2}-\d{1,2}", r"[T ]\d{2}:\d{2}:\d{2}(\.\d+)?"
+ISO_LOCAL = rf"^{_DATE}{_TIME}$"
+ISO_ZONED = rf"^{_DATE}{_TIME}(Z|[+-]\d{{2}}(:?\d{{2}}){{0,2}}| (UTC|GMT|[A-Za-z_]+(/[A-Za-z0-9_+-]+)+))$"
 RECORD_MASK = (1 << 33) - 1  # monotonically_increasing_id: record number within the task, low 33 bits
 
 # internal columns, named as no configured column plausibly is
@@ -89,6 +89,7 @@ DAY, QUARANTINE_DAY, HOME = "__day__", "__quarantine_day__", "__home__"
 REASON, RAW, EARLY, LINE_TEXT = "__reason__", "__raw__", "__early__", "__line_text__"
 OPENS, UNBALANCED, OBJECT = "__opens_quote__", "__unbalanced__", "__json_object__"
 UTC_TIME, BAD_OFFSET, CONTROL = "__utc__", "__bad_offset__", "__control__"
+WRONG_TYPE = "__wrong_type__"  # JSON lines: a text field given a boolean, object or array
 SPANNING, JSON_FILES = "spanning_files", "json_files"  # observed per window: files with these traits
 
 _session: SparkSession | None = None
@@ -347,6 +348,7 @@ def _csv_records(spark: SparkSession, source: SourceConfig, path: Path) -> DataF
         opens.alias(OPENS),
         (quoted & ((quotes % 2 == 1) | opens)).alias(UNBALANCED),
         F.lit(None).cast("boolean").alias(OBJECT),
+        null.alias(WRONG_TYPE),
         *(F.lit(None).cast("boolean").alias(_has(name)) for name in _required_names(source)),
         *(
             (text_of(position[name]) if name in position else null).alias(_field(name))
@@ -379,6 +381,12 @@ def _jsonl_records(spark: SparkSession, source: SourceConfig, path: Path) -> Dat
         _line_rejects(F.col("value")),
         F.when(json.isNull(), F.lit("malformed JSON")).when(~is_object, F.lit("JSON line is not an object")),
     )
+    wrong_types = []  # as ingest._json_type_checks: a text column's boolean, object or array (not a number)
+    for column in (column for column in source.columns if column.type != "number"):
+        kind = F.schema_of_variant(F.try_variant_get(json, f"$.{column.name}", "variant"))
+        wrong = F.lower(F.regexp_extract(kind, r"^(BOOLEAN|OBJECT|ARRAY)", 1))
+        reason = F.concat(F.lit(f"wrong JSON type in {column.name}: "), wrong, F.lit(" (expected a string)"))
+        wrong_types.append(F.when(wrong != "", reason))
     return parsed.select(
         "line",
         early.alias(EARLY),
@@ -386,6 +394,7 @@ def _jsonl_records(spark: SparkSession, source: SourceConfig, path: Path) -> Dat
         F.lit(False).alias(OPENS),
         F.lit(False).alias(UNBALANCED),
         is_object.alias(OBJECT),
+        F.coalesce(*wrong_types, F.lit(None).cast("string")).alias(WRONG_TYPE),
         *(
             F.try_variant_get(json, f"$.{name}", "variant").isNotNull().alias(_has(name))
             for name in _required_names(source)
@@ -421,6 +430,7 @@ def _parquet_records(spark: SparkSession, source: SourceConfig, path: Path) -> D
         F.lit(False).alias(OPENS),
         F.lit(False).alias(UNBALANCED),
         F.lit(None).cast("boolean").alias(OBJECT),
+        null.alias(WRONG_TYPE),
         *(F.lit(None).cast("boolean").alias(_has(name)) for name in _required_names(source)),
         *(
             (_parquet_text(name, schema.field(name).type) if name in schema.names else null).alias(
@@ -447,7 +457,7 @@ def _empty_landed(spark: SparkSession, source: SourceConfig) -> DataFrame:
     fields = ", ".join(f"{_field(name)} STRING" for name in _raw_names(source))
     schema = (
         f"source_file STRING, {HOME} DATE, line BIGINT, {EARLY} STRING, {LINE_TEXT} STRING, "
-        f"{OPENS} BOOLEAN, {UNBALANCED} BOOLEAN, {OBJECT} BOOLEAN, {flags}, {fields}"
+        f"{OPENS} BOOLEAN, {UNBALANCED} BOOLEAN, {OBJECT} BOOLEAN, {WRONG_TYPE} STRING, {flags}, {fields}"
     )
     return spark.createDataFrame([], schema)
 
@@ -515,11 +525,16 @@ def _typed(source: SourceConfig, landed: DataFrame, days: list[date], observatio
     )
     checks: list[tuple[Column, Column]] = [
         (F.col(EARLY).isNotNull(), F.col(EARLY)),
+        (F.col(WRONG_TYPE).isNotNull(), F.col(WRONG_TYPE)),
         (F.length(ts) > limit, F.lit(f"field {ts_name} longer than {limit} characters")),
         (ts.isNull() | (_trim(ts) == ""), F.lit("missing timestamp")),
         (
             F.col(BAD_OFFSET),
             F.concat(F.lit(f"timestamp offset beyond ±{ingest.MAX_OFFSET_HOURS}:00 "), _shown(ts)),
+        ),
+        (
+            ts_utc.isNull() & _trim(ts).rlike(ingest.ZONE_ABBREVIATION),
+            F.concat(F.lit("ambiguous time zone abbreviation in timestamp "), _shown(ts)),
         ),
         (ts_utc.isNull(), F.concat(F.lit("unparseable timestamp "), _shown(ts))),
         (~in_range, outside),
