@@ -234,10 +234,13 @@ def _string_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rows_with_control(array: pa.Array) -> np.ndarray:
-    """Rows holding a C0 control character other than tab, or DEL (ingestion's CONTROL_CHARACTERS)."""
+    """Rows holding a C0 control character other than tab, DEL, or a C1 control (UTF-8 C2 80-C2 9F):
+    ingestion's CONTROL_CHARACTERS."""
     offsets, data = _string_buffers(array)
     segment = data[offsets[0] : offsets[-1]]
-    hits = np.flatnonzero(((segment < 32) & (segment != 9)) | (segment == 127))
+    c1 = np.zeros(len(segment), dtype=bool)
+    c1[:-1] = (segment[:-1] == 0xC2) & (segment[1:] >= 0x80) & (segment[1:] <= 0x9F)
+    hits = np.flatnonzero(((segment < 32) & (segment != 9)) | (segment == 127) | c1)
     rows = np.zeros(len(array), dtype=bool)
     if len(hits):
         rows[np.searchsorted(offsets, hits + offsets[0], side="right") - 1] = True
