@@ -4,10 +4,9 @@ corpus's good rows, every bad line must be in the quarantine table with its file
 unreadable files are quarantined as files, nothing is lost, and a file without a required column
 fails the run naming it.
 
-MANIFEST.json says what a correct pipeline must do with every line. The cases the pipeline once got
-wrong are listed in DISAGREEMENTS, each its own test on the original file; one still open is a strict
-xfail, and the main run leaves its lines blank (a disputed whole file out) so that everything else
-is checked strictly.
+MANIFEST.json says what a correct pipeline must do with every line. The cases where the pipeline
+once disagreed with it are listed in DISAGREEMENTS, each also its own test on the original file, so
+that a regression names its defect.
 """
 
 from __future__ import annotations
@@ -42,13 +41,12 @@ NOT_DATA = {"MANIFEST.json", "make_corpus.py"}
 
 @dataclass(frozen=True)
 class Disagreement:
-    """A manifest expectation the pipeline did not meet: the file, the category of its bad line(s) in
-    the manifest (None: the whole file was read wrongly), the defect, and whether it is fixed."""
+    """A manifest expectation the pipeline once missed: the file, the category of its bad line(s) in
+    the manifest (None: the whole file was read wrongly), and the defect it had."""
 
     file: str
     category: str | None
     reason: str
-    fixed: bool = False
 
     def lines(self) -> list[int]:
         if self.category is None:
@@ -69,21 +67,18 @@ DISAGREEMENTS = {
         "a CSV mixing CRLF and LF line ends (header CRLF, rows LF, or the reverse) is quarantined as a whole: "
         "'unreadable file: Invalid Input Error: The CSV Parser state machine reached an invalid state'; "
         "its 4 good rows are lost to the day (expected: every line read, as a pure-LF or pure-CRLF file is)",
-        fixed=True,
     ),
     "c1_control_character_u0085": Disagreement(
         H06,
         "control_character_c1_nel",
         "page 'hxp\\x85nel' (U+0085 NEXT LINE, a C1 control and a line end for str.splitlines) is kept; "
         "CONTROL_CHARACTERS covers C0 and DEL only, so C1 controls (U+0080-U+009F, e.g. U+009B CSI) pass",
-        fixed=True,
     ),
     "date_only_timestamp": Disagreement(
         H07,
         "timestamp_date_only",
         "'2020-07-15' without a time is kept as 2020-07-15 00:00:00 (TRY_CAST to TIMESTAMPTZ): an event "
         "with no time of day is silently put in the first bucket (expected: quarantined)",
-        fixed=True,
     ),
     "zone_abbreviation_pst_csv": Disagreement(
         H07,
@@ -91,87 +86,55 @@ DISAGREEMENTS = {
         "'2020-07-15 10:00:00 PST' is kept as 17:00 UTC: ICU reads PST as America/Los_Angeles (PDT in July, "
         "-07:00) but PST is -08:00 (18:00 UTC); CST/IST are likewise read as Chicago/Kolkata while CEST is "
         "rejected (expected: zone abbreviations quarantined)",
-        fixed=True,
     ),
     "zone_abbreviation_pst_jsonl_gz": Disagreement(
         H29,
         "timestamp_zone_abbreviation",
         "same as zone_abbreviation_pst_csv in a gzipped JSON lines file: kept at 17:00 UTC",
-        fixed=True,
     ),
     "truncated_time": Disagreement(
         H07,
         "timestamp_truncated",
         "'2020-07-15 10:0' is kept as 10:00:00: a malformed/truncated time is read leniently "
         "('10:5' becomes 10:05, not 10:5x, a different bucket) (expected: unparseable timestamp)",
-        fixed=True,
     ),
     "json_bool_page": Disagreement(
         H28,
         "wrong_type_bool_page",
         "JSON page true is kept as the page 'true' (expected: wrong type)",
-        fixed=True,
     ),
     "json_object_page": Disagreement(
         H28,
         "wrong_type_nested_object",
         'JSON page {"name": "hxpA"} is kept as the page \'{"name":"hxpA"}\' (expected: wrong type)',
-        fixed=True,
     ),
     "json_array_page": Disagreement(
         H28,
         "wrong_type_array_value",
         'JSON page ["hxpA"] is kept as the page \'["hxpA"]\' (expected: wrong type)',
-        fixed=True,
     ),
     "json_trailing_comma": Disagreement(
         H28,
         "malformed_json_trailing_comma",
         'malformed JSON {"timestamp":...,"user":"hx28u918",} (trailing comma) is accepted by json_valid and '
         "kept; the README promises malformed JSON is quarantined (low severity: the event is unambiguous)",
-        fixed=True,
     ),
 }
-OPEN = [d for d in DISAGREEMENTS.values() if not d.fixed]
-DISPUTED_FILES = {d.file for d in OPEN if d.category is None}
-DISPUTED_LINES = {(d.file, line) for d in OPEN for line in d.lines()}
 
 
 def corpus_files(action: str | None = None) -> list[str]:
-    return sorted(
-        name
-        for name, spec in FILES.items()
-        if name not in DISPUTED_FILES and (action is None or spec["action"] == action)
-    )
+    return sorted(name for name, spec in FILES.items() if action is None or spec["action"] == action)
 
 
 def expected_good() -> pd.DataFrame:
-    rows = [
-        {"file": name, **good}
-        for name in corpus_files("ingest")
-        for good in FILES[name]["good"]
-        if (name, good["line"]) not in DISPUTED_LINES
-    ]
+    rows = [{"file": name, **good} for name in corpus_files("ingest") for good in FILES[name]["good"]]
     frame = pd.DataFrame(rows)
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], format="ISO8601")
     return frame
 
 
 def expected_bad() -> list[tuple[str, int]]:
-    return sorted(
-        (name, bad["line"])
-        for name in corpus_files("ingest")
-        for bad in FILES[name]["bad"]
-        if (name, bad["line"]) not in DISPUTED_LINES
-    )
-
-
-def blanked(data: bytes, lines: set[int]) -> bytes:
-    """The bytes with the given 1-based lines emptied (their line ends kept, so numbering holds)."""
-    parts = data.split(b"\n")
-    for number in lines:
-        parts[number - 1] = b"\r" if parts[number - 1].endswith(b"\r") else b""
-    return b"\n".join(parts)
+    return sorted((name, bad["line"]) for name in corpus_files("ingest") for bad in FILES[name]["bad"])
 
 
 def text_of(path: Path) -> bytes:
@@ -193,15 +156,8 @@ def main_run(reference_dir: Path, source: SourceConfig, tmp_path_factory: pytest
     landing = root / "landing"
     landing.mkdir()
     for path in CORPUS.iterdir():
-        if not path.is_file() or path.name in NOT_DATA or path.name in DISPUTED_FILES:
-            continue
-        lines = {line for name, line in DISPUTED_LINES if name == path.name}
-        if not lines:
+        if path.is_file() and path.name not in NOT_DATA:
             shutil.copyfile(path, landing / path.name)
-        elif path.name.endswith(".gz"):
-            (landing / path.name).write_bytes(gzip.compress(blanked(text_of(path), lines), mtime=0))
-        else:
-            (landing / path.name).write_bytes(blanked(path.read_bytes(), lines))
     reference, lines = reference_day(reference_dir, landing)
     warehouse = stage(source, root, landing, DAYS)
     events = warehouse.query(
@@ -270,8 +226,7 @@ def test_day_resamples_to_the_reference_plus_the_corpus_good_rows(main_run, refe
     assert len(got) == 144
     differing = got.compare(expected, result_names=("got", "expected"))
     assert differing.empty, differing.to_string()
-    disputed = sum(len(FILES[name]["good"]) for name in DISPUTED_FILES)
-    assert int(added["clicks"].sum()) == len(good) == 96 - disputed
+    assert int(added["clicks"].sum()) == len(good) == 96
 
 
 def test_every_good_line_is_an_event_with_its_values(main_run) -> None:
@@ -327,9 +282,8 @@ def test_nothing_is_lost_and_ignored_files_are_not_read(main_run) -> None:
     events, quarantine = main_run["events"], main_run["quarantine"]
     for name in corpus_files("ingest"):
         spec = FILES[name]
-        disputed = sum(1 for file, _ in DISPUTED_LINES if file == name)
         rows = (events["file"] == name).sum() + (quarantine["file"] == name).sum()
-        assert rows + disputed == len(spec["good"]) + len(spec["bad"]), name
+        assert rows == len(spec["good"]) + len(spec["bad"]), name
     ignored = {name for name, spec in FILES.items() if spec["action"] == "ignore"}
     assert len(ignored) == 3
     assert not (events["file"].isin(ignored).any() or quarantine["file"].isin(ignored).any())
@@ -356,15 +310,7 @@ def test_a_file_missing_a_required_column_fails_the_run_naming_it(
     assert "\n" not in message
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case, id=key, marks=[] if case.fixed else pytest.mark.xfail(strict=True, reason=case.reason)
-        )
-        for key, case in DISAGREEMENTS.items()
-    ],
-)
+@pytest.mark.parametrize("case", DISAGREEMENTS.values(), ids=DISAGREEMENTS.keys())
 def test_disagreement(tmp_path: Path, source: SourceConfig, case: Disagreement) -> None:
     """The original file alone, held to its manifest entry (for a line case: only those lines); read
     by the ingestion library that run_ingest calls, without a warehouse, to keep this fast."""
