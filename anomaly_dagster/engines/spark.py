@@ -12,8 +12,11 @@ numbered from each split's record counter (:func:`numbered_lines`), Parquet rows
 Known differences, all on malformed input: a line opening a quote that never closes is always
 quarantined as "unterminated quote" (DuckDB says "UNQUOTED VALUE" when it is the file's last line);
 a line with several kinds of CSV error gets one reason; JSON with text after the object is judged
-by Spark's JSON parser, and of a key given twice Spark reads the last value (DuckDB the first); a file Spark cannot read is quarantined with Spark's error, unless it is a
-gzip file, which Python's reader checks with the DuckDB engine's wording.
+by Spark's JSON parser, and of a key given twice Spark reads the last value (DuckDB the first);
+ISO 8601's end of day ``24:00:00`` is unparseable (DuckDB reads the next day's 00:00), and a year
+beyond 9999 is shown with a sign (``+10000-01-01``) in its out-of-range reason; a file Spark cannot
+read is quarantined with Spark's error, unless it is a gzip file, which Python's reader checks with
+the DuckDB engine's wording.
 
 Needs a classic (not Spark Connect) session and local paths; the engine sets the SQL options it
 relies on (:data:`ENGINE_SQL_CONF`) on the session it is given.
