@@ -91,7 +91,7 @@ ZONE_ABBREVIATION = r"\d *[A-Z]{3,5}$"  # 10:00:00 PST, CEST, IST
 CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f-\x9f]"
 UNTERMINATED_QUOTE = "unterminated quote: a quoted field does not close on its line"
 # outside its strings, JSON that DuckDB's json_valid accepts beyond RFC 8259: a trailing comma, NaN, Infinity
-LENIENT_JSON = r"(?i),\s*[}\]]|nan|inf"
+LENIENT_JSON = r",\s*[}\]]|[Nn][Aa][Nn]|[Ii][Nn][Ff]"
 JSON_STRING = r'"(?:[^"\\]|\\.)*"'
 _SCAN_CHUNK = 1 << 22
 
@@ -361,7 +361,7 @@ def _jsonl_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig,
     required = [source.timestamp.column, *(column.name for column in source.columns if column.required)]
     counts = connection.execute(
         f"SELECT count(*), {', '.join(f'count(*) FILTER (WHERE json_exists({TEXT_COLUMN}, ?))' for _ in required)} "
-        f"FROM landed WHERE {_strict_json_valid(TEXT_COLUMN)} AND json_type({TEXT_COLUMN}) = 'OBJECT'",
+        f"FROM landed WHERE json_valid({TEXT_COLUMN}) AND json_type({TEXT_COLUMN}) = 'OBJECT'",
         [f"$.{name}" for name in required],
     ).fetchone()
     missing = [name for name, count in zip(required, counts[1:], strict=True) if count == 0]
@@ -484,7 +484,9 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
     latest = quote_literal((datetime.now(UTC) + timedelta(days=2)).date().isoformat())
     limit = source.max_field_length
     checks = [
-        f"WHEN {TEXT_COLUMN} IS NOT NULL AND NOT ({_strict_json_valid(TEXT_COLUMN)}) THEN 'malformed JSON'"
+        # landed holds no values of JSON that is not strict: only a line without a timestamp is checked
+        f"WHEN {TEXT_COLUMN} IS NOT NULL AND (NOT json_valid({TEXT_COLUMN}) OR ({ts} IS NULL "
+        f"AND NOT ({_strict_json_valid(TEXT_COLUMN)}))) THEN 'malformed JSON'"
         if kind == "jsonl"
         else None,
         f"WHEN {TEXT_COLUMN} IS NOT NULL AND json_type({TEXT_COLUMN}) <> 'OBJECT' THEN 'JSON line is not an object'"

@@ -98,7 +98,13 @@ from anomaly_dagster.config import (
 from anomaly_dagster.detectors import Detector, detector_class, load_detectors
 from anomaly_dagster.detectors.rcf import RandomCutForest, RCFDetector, fold_attribution
 from anomaly_dagster.features import add_derived
-from anomaly_dagster.ingest import RAW_MAX_CHARS, TEXT_COLUMN, UNTERMINATED_QUOTE, _typed_sql
+from anomaly_dagster.ingest import (
+    RAW_MAX_CHARS,
+    TEXT_COLUMN,
+    UNTERMINATED_QUOTE,
+    _strict_json_valid,
+    _typed_sql,
+)
 from anomaly_dagster.pipeline import model_path
 from anomaly_dagster.sql import quote_identifier, quote_literal
 from anomaly_dagster.storage import atomic_write_bytes
@@ -572,7 +578,7 @@ class EventParser:
         db = self._connection()
         db.register("stream_pending", table)
         extracted = ", ".join(
-            f"CASE WHEN {TEXT_COLUMN} IS NULL THEN {quote_identifier(name)} WHEN json_valid({TEXT_COLUMN}) "
+            f"CASE WHEN {TEXT_COLUMN} IS NULL THEN {quote_identifier(name)} WHEN {_strict_json_valid(TEXT_COLUMN)} "
             f"THEN json_extract_string({TEXT_COLUMN}, {quote_literal('$.' + name)}) END AS {quote_identifier(name)}"
             for name in self.names
         )
