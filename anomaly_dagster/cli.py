@@ -45,8 +45,12 @@ def _report(args: argparse.Namespace) -> int:
     incidents = warehouse.query(f'SELECT * EXCLUDE (date) FROM "{name}".incidents ORDER BY start')
     buckets = warehouse.query(f'SELECT count(*) AS n FROM "{name}".resampled')["n"].iloc[0]
     print(f"{name}: {buckets} buckets, {len(incidents)} incidents")
-    with pd.option_context("display.width", 160, "display.max_rows", 200):
-        print(incidents.to_string(index=False) if len(incidents) else "(no incidents)")
+    # one line per incident; the JSON columns (observed, expected, sample log lines) stay in the table
+    shown = incidents.drop(columns=["observed", "expected", "sample_events", "peak_bucket"], errors="ignore")
+    with pd.option_context("display.width", 160, "display.max_rows", 200, "display.precision", 2):
+        print(shown.to_string(index=False) if len(shown) else "(no incidents)")
+    if len(incidents):
+        print(f'observed and expected values and sample log lines: SELECT * FROM "{name}".incidents')
     if args.labels:
         scores = warehouse.query(
             # a bucket is flagged when any entity's is (one row per bucket without entities)
