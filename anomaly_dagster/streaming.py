@@ -1678,6 +1678,11 @@ def _runner(args: argparse.Namespace) -> StreamRunner:
     if args.source not in sources:
         raise ConfigError(f"unknown source {args.source!r}; known: {sorted(sources)}")
     source = sources[args.source]
+    if source.entity is not None:  # one stream state would silently merge every entity's events
+        raise ConfigError(
+            f"{source.name} has an entity column ({source.entity}): streams score one series; "
+            "use the batch pipeline"
+        )
     transport: Transport
     if args.kafka:
         if not args.topic:

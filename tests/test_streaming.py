@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly_dagster import ingest, streaming
+from anomaly_dagster import cli, ingest, streaming
 from anomaly_dagster.config import SourceConfig, load_sources
 from anomaly_dagster.definitions import build_definitions
 from anomaly_dagster.pipeline import resample_sql
@@ -652,3 +652,14 @@ def test_reference_day_streams_to_the_batch_answers(reference_dir, tmp_path):
         "SELECT count(*) AS n, sum(is_anomaly::INT) AS flagged FROM clickstream.stream_scores"
     )
     assert stored["n"].iloc[0] == 144 and stored["flagged"].iloc[0] == rows["is_anomaly"].sum()
+
+
+def test_an_entity_source_is_refused_rather_than_merged(tmp_path, caplog):
+    events = tmp_path / "sensors.jsonl"
+    events.write_text(
+        '{"timestamp": "2024-03-01 00:00:00", "sensor_id": "s01", "temperature": 20, "pressure": 1000}\n'
+    )
+    args = ["stream", "--source", "sensors", "--input", str(events), "--warehouse", str(tmp_path / "wh")]
+    assert cli.main(args) == 2
+    assert "entity column (sensor_id)" in caplog.text
+    assert not (tmp_path / "wh").exists()  # nothing scored, nothing written
