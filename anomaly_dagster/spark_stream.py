@@ -48,11 +48,11 @@ from anomaly_dagster.engines.spark import (
     QUOTED,
     SPARK_ERRORS,
     _cap,
-    _number,
     _shown,
     _trim,
     _utc_timestamp,
     spark_session,
+    typed_fields,
 )
 from anomaly_dagster.streaming import (
     US_PER_MINUTE,
@@ -218,25 +218,8 @@ def parse_events(source: SourceConfig, lines: DataFrame) -> DataFrame:
             F.concat(F.lit("timestamp outside the source range "), F.date_format(utc, "yyyy-MM-dd HH:mm:ss")),
         ),
     ]
-    typed = []
-    for column in source.columns:
-        raw = F.col(column.name)
-        value = F.nullif(_trim(raw), F.lit(""))
-        checks.append((F.length(raw) > limit, F.lit(f"field {column.name} longer than {limit} characters")))
-        checks.append((raw.rlike(ingest.CONTROL_CHARACTERS), F.lit(f"control characters in {column.name}")))
-        if column.required:
-            checks.append((value.isNull(), F.lit(f"missing {column.name}")))
-        if column.type == "number":
-            number = _number(value)
-            checks.append((value.isNotNull() & number.isNull(), F.lit(f"not a number in {column.name}")))
-            checks.append(
-                (F.isnan(number) | (F.abs(number) == float("inf")), F.lit(f"non-finite {column.name}"))
-            )
-            if column.min_value is not None:
-                checks.append((number < float(column.min_value), F.lit(f"{column.name} below minimum")))
-            typed.append(number.alias(column.name))
-        else:
-            typed.append(value.alias(column.name))
+    field_checks, typed = typed_fields(source, F.col, F.lit(True))
+    checks.extend(field_checks)
     reason = functools.reduce(lambda chain, check: chain.when(*check), checks[1:], F.when(*checks[0]))
     return staged.select(
         "source_file",

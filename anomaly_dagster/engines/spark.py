@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -486,6 +486,38 @@ def _raw(source: SourceConfig) -> Column:
     return F.when(F.col(EARLY).isNotNull() | F.col(OBJECT).isNotNull(), F.col(LINE_TEXT)).otherwise(fields)
 
 
+def typed_fields(
+    source: SourceConfig, raw_field: Callable[[str], Column], screened: Column
+) -> tuple[list[tuple[Column, Column]], list[Column]]:
+    """Each configured column's quarantine checks, in ingestion's order and wording, and its typed value.
+
+    ``raw_field`` gives a column's raw text; control characters are looked for only where ``screened``
+    holds (the batch engine screens a whole line once first). Shared with the Structured Streaming job.
+    """
+    limit = source.max_field_length
+    checks: list[tuple[Column, Column]] = []
+    typed = []
+    for column in source.columns:
+        raw = raw_field(column.name)
+        value = F.nullif(_trim(raw), F.lit(""))
+        checks.append((F.length(raw) > limit, F.lit(f"field {column.name} longer than {limit} characters")))
+        control_here = screened & raw.rlike(ingest.CONTROL_CHARACTERS)
+        checks.append((control_here, F.lit(f"control characters in {column.name}")))
+        if column.required:
+            checks.append((value.isNull(), F.lit(f"missing {column.name}")))
+        if column.type == "number":
+            number = _number(value)
+            non_finite = F.isnan(number) | (F.abs(number) == float("inf"))
+            checks.append((value.isNotNull() & number.isNull(), F.lit(f"not a number in {column.name}")))
+            checks.append((non_finite, F.lit(f"non-finite {column.name}")))
+            if column.min_value is not None:
+                checks.append((number < float(column.min_value), F.lit(f"{column.name} below minimum")))
+            typed.append(number.alias(column.name))
+        else:
+            typed.append(value.alias(column.name))
+    return checks, typed
+
+
 def _typed(source: SourceConfig, landed: DataFrame, days: list[date], observation: Observation) -> DataFrame:
     """The window's records typed, with ``REASON`` (NULL when good), ``DAY`` (the event's day when usable)
     and ``RAW`` (bad rows only).
@@ -542,25 +574,8 @@ def _typed(source: SourceConfig, landed: DataFrame, days: list[date], observatio
         (ts_utc.isNull(), F.concat(F.lit("unparseable timestamp "), _shown(ts))),
         (~in_range, outside),
     ]
-    typed = []
-    for column in source.columns:
-        raw = F.col(_field(column.name))
-        value = F.nullif(_trim(raw), F.lit(""))
-        checks.append((F.length(raw) > limit, F.lit(f"field {column.name} longer than {limit} characters")))
-        control_here = F.col(CONTROL) & raw.rlike(ingest.CONTROL_CHARACTERS)
-        checks.append((control_here, F.lit(f"control characters in {column.name}")))
-        if column.required:
-            checks.append((value.isNull(), F.lit(f"missing {column.name}")))
-        if column.type == "number":
-            number = _number(value)
-            non_finite = F.isnan(number) | (F.abs(number) == float("inf"))
-            checks.append((value.isNotNull() & number.isNull(), F.lit(f"not a number in {column.name}")))
-            checks.append((non_finite, F.lit(f"non-finite {column.name}")))
-            if column.min_value is not None:
-                checks.append((number < float(column.min_value), F.lit(f"{column.name} below minimum")))
-            typed.append(number.alias(column.name))
-        else:
-            typed.append(value.alias(column.name))
+    field_checks, typed = typed_fields(source, lambda name: F.col(_field(name)), F.col(CONTROL))
+    checks.extend(field_checks)
     reason = functools.reduce(lambda chain, check: chain.when(*check), checks[1:], F.when(*checks[0]))
     checked = rows.select("*", reason.alias(REASON))
     return checked.select(
