@@ -383,8 +383,9 @@ def _strict_json_valid(text: str) -> str:
     )
 
 
-def _check_json_start(path: Path) -> None:
-    """Raise UnreadableFile when the first non-blank line is binary; reading it all verifies a gzip."""
+def _check_json_start(path: Path, verify_gzip: bool = True) -> None:
+    """Raise UnreadableFile when the first non-blank line is binary; reading it all verifies a gzip
+    (the Spark engine skips that: its own reader checks the gzip)."""
     with _open_binary(path) as handle:
         first = b""
         while not first.strip():
@@ -392,7 +393,7 @@ def _check_json_start(path: Path) -> None:
             if not line:
                 break
             first = line
-        if _is_gzip(path):
+        if verify_gzip and _is_gzip(path):
             while handle.read(_SCAN_CHUNK):
                 pass
     if re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", first):

@@ -132,15 +132,19 @@ def best(repeat: int, work: Callable[[], object]) -> tuple[float, object]:
     return fastest, result
 
 
-def duckdb_stage(landing: Path, scratch: Path, days: list[date]) -> tuple[int, dict[str, float]]:
-    """Both DuckDB stages on a fresh warehouse; returns the events resampled and the stage's breakdown."""
-    warehouse_dir = Path(tempfile.mkdtemp(dir=scratch))
-    context = StageContext(
+def fresh_context(landing: Path, scratch: Path) -> StageContext:
+    """The clickstream stages over ``landing`` into a new, empty warehouse under ``scratch``."""
+    return StageContext(
         load_source(PACKAGE_SOURCES_DIR / "clickstream.yaml"),
-        Warehouse(warehouse_dir),
+        Warehouse(Path(tempfile.mkdtemp(dir=scratch))),
         landing,
         RunInfo("bench", __version__),
     )
+
+
+def duckdb_stage(landing: Path, scratch: Path, days: list[date]) -> tuple[int, dict[str, float]]:
+    """Both DuckDB stages on a fresh warehouse; returns the events resampled and the stage's breakdown."""
+    context = fresh_context(landing, scratch)
     targets = [
         (ingest, "ingest_landing"),
         (ingest, "load_file"),
@@ -153,7 +157,7 @@ def duckdb_stage(landing: Path, scratch: Path, days: list[date]) -> tuple[int, d
     with timed_calls(targets) as totals:
         pipeline.run_ingest(context, days)
         (output,) = pipeline.run_resample(context, days)
-    shutil.rmtree(warehouse_dir)
+    shutil.rmtree(context.warehouse.root)
     return int(sum(frame["clicks"].sum() for frame in output.frames.values())), dict(totals)
 
 
@@ -182,16 +186,10 @@ def pandas_resample(files: list[Path]) -> int:
 def spark_stage(spark, landing: Path, scratch: Path, days: list[date]) -> int:
     from anomaly_dagster.engines.spark import run_ingest_spark, run_resample_spark
 
-    warehouse_dir = Path(tempfile.mkdtemp(dir=scratch))
-    context = StageContext(
-        load_source(PACKAGE_SOURCES_DIR / "clickstream.yaml"),
-        Warehouse(warehouse_dir),
-        landing,
-        RunInfo("bench", __version__),
-    )
+    context = fresh_context(landing, scratch)
     run_ingest_spark(context, days, spark)
     (output,) = run_resample_spark(context, days, spark)
-    shutil.rmtree(warehouse_dir)
+    shutil.rmtree(context.warehouse.root)
     return int(sum(frame["clicks"].sum() for frame in output.frames.values()))
 
 

@@ -360,22 +360,9 @@ def _csv_records(spark: SparkSession, source: SourceConfig, path: Path) -> DataF
     )
 
 
-def _binary_json_start(path: Path) -> None:
-    """``ingest._check_json_start`` without reading a gzip to its end (Spark's reader checks that)."""
-    with ingest._open_binary(path) as handle:
-        first = b""
-        while not first.strip():
-            line = handle.readline(1 << 20)
-            if not line:
-                break
-            first = line
-    if re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", first):
-        raise ingest.UnreadableFile("binary content where JSON lines were expected")
-
-
 def _jsonl_records(spark: SparkSession, source: SourceConfig, path: Path) -> DataFrame:
     """Non-blank lines; fields by JSON key as text (numbers and objects as JSON, as DuckDB reads them)."""
-    _binary_json_start(path)
+    ingest._check_json_start(path, verify_gzip=False)
     lines = numbered_lines(spark, path).where(_trim(F.col("value")) != "")
     parsed = lines.select("line", "value", F.try_parse_json("value").alias("json"))
     json = F.col("json")
