@@ -159,22 +159,46 @@ def _open_binary(path: Path) -> Iterator[BinaryIO]:
         raise UnreadableFile(f"cannot read: {error}") from None
 
 
-def _scan_lines(path: Path) -> tuple[list[int], bool]:
-    """Numbers of the empty lines (``\\n`` or ``\\r\\n`` only), which DuckDB's CSV reader skips, and
-    whether the file mixes ``\\n`` and ``\\r\\n`` line ends, which that reader refuses.
+@dataclass(frozen=True)
+class _TextScan:
+    """What one pass over a text file's bytes tells the CSV reader."""
+
+    blank: list[int]  # numbers of the empty lines (\n or \r\n only), which DuckDB's reader skips
+    mixed: bool  # whether the file mixes \n and \r\n line ends, which that reader refuses
+    controls: bool  # whether any byte may be a control character inside a field (else no field is screened)
+    quotes: bool  # whether the file holds a quote character (without one no record can span lines)
+
+
+def _scan_lines(path: Path) -> _TextScan:
+    """Blank lines, mixed line ends, possible control characters and quotes of a text file, in one pass.
 
     Vectorised over chunks, so a long file costs about as much as decompressing it. Reading to the
-    end also verifies a gzip file (stream end and CRC).
+    end also verifies a gzip file (stream end and CRC). ``controls`` errs on the safe side: it only
+    lets the typing skip its per-field control-character search when no byte can be one.
     """
     blank: list[np.ndarray] = []
     base = 1  # number of the line the chunk starts in
     partial = 0  # bytes of that line seen in earlier chunks
     partial_cr = False  # whether those bytes end with \r
-    crlf = lf = 0  # line ends of each kind
+    crlf = lf = carriage_returns = 0  # line ends of each kind, and every \r
+    controls = after_c2 = quotes = False  # after_c2: the previous chunk ended with a C1 control's first byte
     with _open_binary(path) as handle:
         while chunk := handle.read(_SCAN_CHUNK):
             data = np.frombuffer(chunk, dtype=np.uint8)
             ends = np.flatnonzero(data == 10)
+            returns = int(np.count_nonzero(data == 13))
+            quotes = quotes or bool(np.count_nonzero(data == 34))
+            carriage_returns += returns
+            if not controls:  # C0 controls besides tab, \n and \r; DEL; C1 controls (UTF-8 \xc2\x80-\x9f)
+                tabs = int(np.count_nonzero(data == 9))
+                lead = np.flatnonzero(data[:-1] == 0xC2) + 1
+                controls = bool(
+                    np.count_nonzero(data < 32) > tabs + len(ends) + returns
+                    or np.count_nonzero(data == 127)
+                    or (after_c2 and data[0] < 0xA0)
+                    or np.count_nonzero(data[lead] < 0xA0)
+                )
+                after_c2 = bool(data[-1] == 0xC2)
             if not len(ends):
                 partial += len(data)
                 partial_cr = bool(data[-1] == 13)
@@ -197,7 +221,12 @@ def _scan_lines(path: Path) -> tuple[list[int], bool]:
             base += len(ends)
             partial = len(data) - int(ends[-1]) - 1
             partial_cr = partial > 0 and bool(data[-1] == 13)
-    return [int(line) for part in blank for line in part], bool(crlf and lf)
+    return _TextScan(
+        [int(line) for part in blank for line in part],
+        bool(crlf and lf),
+        controls or carriage_returns > crlf,
+        quotes,
+    )
 
 
 def _with_lf_line_ends(path: Path, directory: Path) -> Path:
@@ -262,6 +291,8 @@ class _Lines:
     header: int  # lines before the first data line (1 for CSV, 0 for JSON lines)
     skipped: list[int]  # physical lines DuckDB produced no row for (besides its rejects)
     quarantined: dict[int, str]  # lines quarantined before DuckDB read the file: line -> raw text
+    line: str = "line"  # SQL over ``landed`` numbering its rows (before the skipped lines are counted in)
+    controls: bool = True  # whether a field may hold control characters (False: the search is skipped)
 
 
 def _text_relation(
@@ -300,7 +331,7 @@ def _csv_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, p
     header = _csv_header(path)
     position = {name: index for index, name in reversed(list(enumerate(header)))}
     _require_columns(source, path, set(position))
-    blank, mixed = _scan_lines(path)  # also proves a gzip file complete before DuckDB reads it
+    scan = _scan_lines(path)  # also proves a gzip file complete before DuckDB reads it
     columns = "{" + ", ".join(f"'c{index}': 'VARCHAR'" for index in range(len(header))) + "}"
     select = ", ".join(
         f"c{position[name]} AS {quote_identifier(name)}"
@@ -310,10 +341,11 @@ def _csv_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, p
     )
 
     def read(target: Path) -> None:
+        # rows keep the file's order, so a row's rowid numbers it (cheaper than row_number() over the read)
         _clear_rejects(connection)
         connection.execute(
-            "CREATE OR REPLACE TEMP TABLE landed AS SELECT row_number() OVER () + 1 AS line, "
-            f"{select}, NULL::VARCHAR AS {TEXT_COLUMN} FROM read_csv({quote_literal(str(target))}, "
+            f"CREATE OR REPLACE TEMP TABLE landed AS SELECT {select}, NULL::VARCHAR AS {TEXT_COLUMN} "
+            f"FROM read_csv({quote_literal(str(target))}, "
             f"columns = {columns}, header = true, auto_detect = false, delim = ',', quote = '\"', "
             "escape = '\"', store_rejects = true)"
         )
@@ -321,14 +353,20 @@ def _csv_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, p
     emptied: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="anomaly-ingest-") as directory:
         # DuckDB's reader refuses a file mixing line ends: it reads a copy with \n ends instead
-        target = _with_lf_line_ends(path, Path(directory)) if mixed else path
+        target = _with_lf_line_ends(path, Path(directory)) if scan.mixed else path
         read(target)
-        if _records_span_lines(connection, names):
+        if scan.quotes and _records_span_lines(connection, names):
             # a quote left open swallowed the lines after it: read again without the lines that open one
             copy, emptied = _without_unbalanced_lines(target, Path(directory))
             if emptied:
                 read(copy)
-    return _Lines(header=1, skipped=sorted(set(blank) | set(emptied)), quarantined=emptied)
+    return _Lines(
+        header=1,
+        skipped=sorted(set(scan.blank) | set(emptied)),
+        quarantined=emptied,
+        line="rowid + 2",
+        controls=scan.controls or bool(emptied),
+    )
 
 
 def _records_span_lines(connection: duckdb.DuckDBPyConnection, names: list[str]) -> bool:
@@ -453,13 +491,22 @@ def _json_type_checks(source: SourceConfig) -> list[str]:
     return checks
 
 
-def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
+def _typed_sql(
+    source: SourceConfig,
+    path: Path,
+    kind: str,
+    line: str = "line",
+    controls: bool = True,
+    every_raw: bool = False,
+) -> str:
     """SELECT over ``landed`` giving typed columns plus ``reason`` (NULL for a good row).
 
-    Built in layers so that each costly expression runs once per row: trimmed values and the
-    parsed timestamp are computed once and reused by the checks and the output; the offset and
-    control-character regexes run only on rows a cheap test cannot clear. Good rows keep their raw
-    text too: a replayed event is quarantined with it.
+    ``line`` numbers the rows of ``landed``; ``controls=False`` says no field holds a control
+    character (a byte scan of the file proved it), so none is searched for. Built in layers so that
+    each costly expression runs once per row: trimmed values and the parsed timestamp are computed
+    once and reused by the checks and the output. A timestamp in the configured format is taken
+    at once; only the others go through the ISO fallback, the offset and the zone checks. Only bad
+    rows keep their raw text, unless ``every_raw``: the replayed events found later ask for theirs.
     """
     ts = quote_identifier(source.timestamp.column)
     zone, fmt = source.timestamp.timezone, source.timestamp.format
@@ -467,19 +514,28 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
     offset_joined = r"regexp_replace(__ts, '\s+([+-]\d{2}(?::?\d{2})?)$', '\1')"
     iso = f"try_cast(CASE WHEN regexp_full_match(__ts, {quote_literal(ISO_TIMESTAMP)}) THEN {offset_joined} END AS TIMESTAMPTZ)"
     offset_hours = r"regexp_extract(__ts, ':\d{2}(?:\.\d+)?\s*([+-]\d{2})(?::?\d{2})*$', 1)"
+    configured = f"try_strptime(__ts, {quote_literal(fmt)})"
     if zone == "UTC" and "%z" not in fmt:  # the zone conversions of a naive UTC time are the identity
-        parsed = f"coalesce(try_strptime(__ts, {quote_literal(fmt)}), timezone('UTC', {iso}))"
+        parsed = f"coalesce({configured}, timezone('UTC', {iso}))"
     else:
-        parsed = (
-            f"timezone('UTC', coalesce(timezone({quote_literal(zone)}, try_strptime(__ts, {quote_literal(fmt)})), "
-            f"{iso}))"
+        parsed = f"timezone('UTC', coalesce(timezone({quote_literal(zone)}, {configured}), {iso}))"
+    # the common case: a naive time in the configured format, starting with a digit (strptime reads 'epoch');
+    # with an offset in the format the offset checks below must see every row
+    if "%z" in fmt or "%Z" in fmt:
+        direct = "NULL::TIMESTAMP"
+    elif zone == "UTC":
+        direct = f"CASE WHEN ascii(__ts) BETWEEN 48 AND 57 THEN {configured} END"
+    else:
+        direct = (
+            f"CASE WHEN ascii(__ts) BETWEEN 48 AND 57 THEN "
+            f"timezone('UTC', timezone({quote_literal(zone)}, {configured})) END"
         )
     # an offset follows a ':' (of the time), so without a sign after the first ':' there is none
     after_colon = "substr(__ts, strpos(__ts, ':'))"
     signed = f"strpos(__ts, ':') > 0 AND (contains({after_colon}, '+') OR contains({after_colon}, '-'))"
     bad_offset = (
-        f"CASE WHEN {signed} THEN coalesce(abs(try_cast(nullif({offset_hours}, '') AS INTEGER)) "
-        f"> {MAX_OFFSET_HOURS}, false) ELSE false END"
+        f"CASE WHEN __direct IS NOT NULL THEN false WHEN {signed} THEN "
+        f"coalesce(abs(try_cast(nullif({offset_hours}, '') AS INTEGER)) > {MAX_OFFSET_HOURS}, false) ELSE false END"
     )
     earliest = quote_literal(source.start_date.isoformat())
     latest = quote_literal((datetime.now(UTC) + timedelta(days=2)).date().isoformat())
@@ -507,7 +563,9 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
     names = [quote_identifier(column.name) for column in source.columns]
     prepared = [
         f"trim({ts}) AS __ts",
-        f"regexp_matches(concat_ws('', {', '.join(names)}), {control}) AS __control",
+        f"regexp_matches(concat_ws('', {', '.join(names)}), {control}) AS __control"
+        if controls
+        else "false AS __control",
     ]
     typed = []
     for index, (column, name) in enumerate(zip(source.columns, names, strict=True)):
@@ -522,7 +580,7 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
         if column.required:
             checks.append(f"WHEN {value} IS NULL THEN 'missing {column.name}'")
         if column.type == "number":
-            prepared.append(f"try_cast(nullif(trim({name}), '') AS DOUBLE) AS {number}")
+            prepared.append(f"try_cast({value} AS DOUBLE) AS {number}")
             checks.append(
                 f"WHEN {value} IS NOT NULL AND {number} IS NULL THEN 'not a number in {column.name}'"
             )
@@ -541,27 +599,32 @@ def _typed_sql(source: SourceConfig, path: Path, kind: str) -> str:
         f"(length({raw}) - {RAW_MAX_CHARS}) || ' more characters]' ELSE {raw} END"
     )
     in_range = f"ts_utc >= {earliest}::TIMESTAMP AND ts_utc < {latest}::TIMESTAMP"
+    numbered = "*" if line == "line" else f"{line} AS line, *"
     return (
         f"SELECT line, ts_utc AS timestamp, {', '.join(typed)}, reason, "
-        f"{capped} AS raw, "
+        f"{capped if every_raw else f'CASE WHEN reason IS NOT NULL THEN {capped} END'} AS raw, "
         f"{quote_literal(str(path))} AS source_file, CASE WHEN {in_range} THEN CAST(ts_utc AS DATE) END AS day "
         f"FROM (SELECT *, {reason} AS reason "
         # a value without a digit is no time (DuckDB's strptime reads 'infinity' and 'epoch' as 1900-01-01)
-        f"FROM (SELECT *, CASE WHEN NOT bad_offset AND regexp_matches({ts}, '\\d') THEN {parsed} END AS ts_utc "
-        f"FROM (SELECT *, {bad_offset} AS bad_offset FROM (SELECT *, {', '.join(prepared)} FROM landed))))"
+        f"FROM (SELECT *, coalesce(__direct, CASE WHEN NOT bad_offset AND regexp_matches({ts}, '\\d') "
+        f"THEN {parsed} END) AS ts_utc "
+        f"FROM (SELECT *, {bad_offset} AS bad_offset FROM (SELECT *, {direct} AS __direct "
+        f"FROM (SELECT {numbered}, {', '.join(prepared)} FROM landed)))))"
     )
 
 
 def load_file(
-    connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path
+    connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path, every_raw: bool = False
 ) -> tuple[bool, pd.DataFrame]:
-    """Type one file into temp table ``typed`` (with ``reason`` and ``day``).
+    """Type one file into temp table ``typed`` (with ``reason``, ``day``, and ``raw`` for bad rows or,
+    with ``every_raw``, for all).
 
     Returns whether the file could be read, and the quarantine rows that are not in ``typed``:
     the lines DuckDB rejected (wrong column count, bad quoting, not UTF-8), or one row for the
     whole file when it cannot be read at all.
     """
     connection.execute(f"SET TimeZone = {quote_literal(source.timestamp.timezone)}")
+    connection.execute("SET preserve_insertion_order = true")  # CSV rows are numbered by their rowid
     try:
         kind, lines = _text_relation(connection, source, path)
     except LandingFileError:
@@ -571,7 +634,9 @@ def load_file(
         _clear_rejects(connection)
         reason = f"unreadable file: {_first_line(error)}"
         return False, pd.DataFrame([{"source_file": str(path), "line": None, "reason": reason, "raw": None}])
-    connection.execute(f"CREATE OR REPLACE TEMP TABLE typed AS {_typed_sql(source, path, kind)}")
+    numbering = {"line": lines.line, "controls": lines.controls} if lines is not None else {}
+    typed = _typed_sql(source, path, kind, every_raw=every_raw, **numbering)
+    connection.execute(f"CREATE OR REPLACE TEMP TABLE typed AS {typed}")
     if lines is None:
         return True, pd.DataFrame(columns=QUARANTINE_COLUMNS)
     rejects = _rejects(connection)
@@ -810,7 +875,7 @@ class IngestedWindow:
 
 
 def ingest_window(source: SourceConfig, entries: list[LandingFile], days: list[date]) -> IngestedWindow:
-    """Read every file touching ``days`` once into a DuckDB ``events`` table; collect quarantine."""
+    """Read every file touching ``days`` once into DuckDB (view ``events``); collect quarantine."""
     return _ingest(source, [(Path(entry.path), entry) for entry in entries], days, None)
 
 
@@ -831,10 +896,15 @@ def _ingest(
     days: list[date],
     index: LandingIndex | None,
 ) -> IngestedWindow:
-    """Files whose entry is None are read, then indexed into ``index``; the others only when they touch ``days``."""
+    """Files whose entry is None are read, then indexed into ``index``; the others only when they touch ``days``.
+
+    Each file's typed rows stay in a table of their own (``typed_<n>``, by path in ``tables``) and view
+    ``events`` is their good rows: a file whose events all fall on ``days`` is kept as read, without
+    copying millions of rows into one table; only a file reaching beyond ``days`` is cut down to them.
+    """
     wanted = set(days)
     connection = duckdb.connect()
-    connection.execute(f"CREATE TEMP TABLE events AS {_empty_typed(source)}")
+    tables: dict[str, str] = {}
     quarantine: dict[date, list[pd.DataFrame]] = {day: [] for day in days}
     files: dict[date, list[str]] = {day: [] for day in days}
     for path, known in sorted(candidates, key=lambda candidate: str(candidate[0])):
@@ -856,17 +926,24 @@ def _ingest(
             quarantine[home].append(file_rows)
         if not readable:
             continue
-        connection.execute(
-            "INSERT INTO events SELECT * FROM typed WHERE reason IS NULL AND day IN (SELECT unnest(?::DATE[]))",
-            [sorted(wanted)],
-        )
         # a bad row belongs to its own day when its timestamp is usable, else to the file's home day
         bad = connection.execute(
             "SELECT source_file, line, reason, raw, coalesce(day, ?::DATE) AS day FROM typed WHERE reason IS NOT NULL",
             [home],
         ).df()
         _add_by_day(quarantine, bad)
-    _add_by_day(quarantine, _take_replayed_events(connection, source))
+        table = tables[entry.path] = f"typed_{len(tables)}"
+        if {date.fromisoformat(day) for day in entry.days} <= wanted:
+            connection.execute(f"ALTER TABLE typed RENAME TO {table}")
+        else:
+            connection.execute(
+                f"CREATE TEMP TABLE {table} AS SELECT * FROM typed WHERE reason IS NULL "
+                "AND day IN (SELECT unnest(?::DATE[]))",
+                [sorted(wanted)],
+            )
+    parts = [f"SELECT * FROM {table} WHERE reason IS NULL" for table in tables.values()]
+    connection.execute(f"CREATE TEMP VIEW events AS {' UNION ALL '.join(parts) or _empty_typed(source)}")
+    _add_by_day(quarantine, _take_replayed_events(connection, source, tables))
     return IngestedWindow(
         connection,
         {day: _concat_quarantine(frames) for day, frames in quarantine.items()},
@@ -880,8 +957,11 @@ def _add_by_day(quarantine: dict[date, list[pd.DataFrame]], rows: pd.DataFrame) 
             quarantine[day].append(group[QUARANTINE_COLUMNS])
 
 
-def _take_replayed_events(connection: duckdb.DuckDBPyConnection, source: SourceConfig) -> pd.DataFrame:
-    """Move events that repeat another file's events out of ``events``; returns their quarantine rows.
+def _take_replayed_events(
+    connection: duckdb.DuckDBPyConnection, source: SourceConfig, tables: dict[str, str]
+) -> pd.DataFrame:
+    """Move events that repeat another file's events out of ``events`` (out of the files' ``tables``);
+    returns their quarantine rows.
 
     An event (timestamp and every column) held k times by one file and m times by an earlier one
     (by path) keeps max(k, m) copies: identical events within a file are separate events, copies
@@ -893,22 +973,41 @@ def _take_replayed_events(connection: duckdb.DuckDBPyConnection, source: SourceC
         quote_identifier(name) for name in ["timestamp", *(column.name for column in source.columns)]
     )
     connection.execute(
-        "CREATE OR REPLACE TEMP TABLE replayed AS SELECT row_id, source_file, line, raw, day, "
+        "CREATE OR REPLACE TEMP TABLE replayed AS SELECT source_file, line, day, "
         "'duplicate event: also in ' || first_file || ' line ' || first_line AS reason FROM ("
         f"SELECT *, max(copies) OVER (PARTITION BY {key} ORDER BY source_file "
         "GROUPS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before, "
         f"first_value(source_file) OVER (PARTITION BY {key} ORDER BY source_file, line) AS first_file, "
         f"first_value(line) OVER (PARTITION BY {key} ORDER BY source_file, line) AS first_line "
-        f"FROM (SELECT *, rowid AS row_id, row_number() OVER (PARTITION BY {key}, source_file ORDER BY line) AS copy, "
+        f"FROM (SELECT *, row_number() OVER (PARTITION BY {key}, source_file ORDER BY line) AS copy, "
         f"count(*) OVER (PARTITION BY {key}, source_file) AS copies FROM events)) "
         "WHERE copy <= coalesce(before, 0)"
     )
-    connection.execute("DELETE FROM events WHERE rowid IN (SELECT row_id FROM replayed)")
+    for path, table in tables.items():
+        connection.execute(
+            f"DELETE FROM {table} WHERE line IN (SELECT line FROM replayed WHERE source_file = ?)", [path]
+        )
     rows = connection.execute(
-        "SELECT source_file, line, reason, raw, day FROM replayed ORDER BY source_file, line"
+        "SELECT source_file, line, reason, day FROM replayed ORDER BY source_file, line"
     ).df()
     connection.execute("DROP TABLE replayed")
+    rows["raw"] = _raw_texts(connection, source, rows)
     return rows
+
+
+def _raw_texts(
+    connection: duckdb.DuckDBPyConnection, source: SourceConfig, rows: pd.DataFrame
+) -> list[str | None]:
+    """The raw text of these good rows (``source_file``, ``line``). Typing keeps none for good rows, as
+    it costs a copy of every event, so their files are read again: replays are rare."""
+    texts: dict[tuple[str, int], str] = {}
+    for path, group in rows.groupby("source_file"):
+        load_file(connection, source, Path(path), every_raw=True)
+        found = connection.execute(
+            "SELECT line, raw FROM typed WHERE line IN (SELECT unnest(?::BIGINT[]))", [group["line"].tolist()]
+        ).fetchall()
+        texts.update({(path, line): raw for line, raw in found})
+    return [texts.get((path, line)) for path, line in zip(rows["source_file"], rows["line"], strict=True)]
 
 
 def _files_overlap(connection: duckdb.DuckDBPyConnection) -> bool:

@@ -777,7 +777,13 @@ def headline(reference_dir: Path, source: SourceConfig, tmp_path_factory: pytest
     context = pipeline.StageContext(source, warehouse, landing, RunInfo("headline", "test"))
     pipeline.run_ingest(context, WINDOW)
     pipeline.run_resample(context, WINDOW)
-    return {"warehouse": warehouse, "reference": reference, "lines": lines, "replay_rows": replay_rows}
+    return {
+        "warehouse": warehouse,
+        "reference": reference,
+        "lines": lines,
+        "replayed": replayed,
+        "replay_rows": replay_rows,
+    }
 
 
 def test_reference_day_beside_the_bad_corpus_resamples_to_the_published_aggregates(headline, reference_dir):
@@ -805,6 +811,9 @@ def test_every_bad_line_of_the_corpus_is_in_the_quarantine_table(headline):
     expected = [row for case in CASES for row in case.bad] + headline["replay_rows"]
     assert_quarantine(quarantine, expected)
     assert quarantine["raw"].notna().sum() == sum(1 for _, line, _ in expected if line is not None)
+    # a replayed line is good input, whose raw text typing does not keep: it is read again from its file
+    replays = quarantine[quarantine["source_file"].str.endswith("_replay.csv")].sort_values("line")
+    assert replays["raw"].tolist() == [line.decode().rstrip("\r\n") for line in headline["replayed"]]
     by_day = {
         (Path(row.source_file).name, None if pd.isna(row.line) else int(row.line)): pd.Timestamp(
             row.date
@@ -848,6 +857,30 @@ def test_line_scan_matches_a_line_by_line_count(
         expected = [n for n, line in enumerate(terminated, 1) if line in (b"", b"\r")]
         for name, payload in (("plain.csv", data), ("packed.csv.gz", gzip.compress(data))):
             (tmp_path / name).write_bytes(payload)
-            assert ingest._scan_lines(tmp_path / name) == (expected, ends == "mixed"), (name, ends)
+            scan = ingest._scan_lines(tmp_path / name)
+            assert (scan.blank, scan.mixed) == (expected, ends == "mixed"), (name, ends)
             copy = ingest._with_lf_line_ends(tmp_path / name, tmp_path)
             assert copy.read_bytes() == data.replace(b"\r\n", b"\n"), (name, ends)
+
+
+# ¡ is \xc2\xa1, just past the C1 controls
+CLEAN_TEXT = ["p,u\tv", "café ¡olé! €5 中文 😀", '"quoted, with comma"']
+CONTROL_TEXT = ["nul\x00", "esc\x1b", "del\x7f", "lone\rreturn", "next\x85line", "csi\x9b", "vt\x0bff\x0c"]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 22])
+def test_line_scan_says_whether_a_field_may_hold_control_characters_or_quotes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """The scan that lets the typing skip its control-character search must see every control character
+    (C0 but tab and line ends, a \\r not ending a line, DEL, C1 in UTF-8) wherever a chunk splits it,
+    and must not flag ordinary text; without a quote character the check for records spanning lines
+    is skipped."""
+    monkeypatch.setattr(ingest, "_SCAN_CHUNK", chunk)
+    header = "timestamp,page,user\n"
+    for text in CLEAN_TEXT + CONTROL_TEXT:
+        path = tmp_path / "scan.csv"
+        path.write_bytes((header + f"2020-07-15 10:00:00,{text},u1\r\n" * 2).encode())
+        scan = ingest._scan_lines(path)
+        assert scan.controls == (text in CONTROL_TEXT), (text, chunk)
+        assert scan.quotes == ('"' in text), (text, chunk)
