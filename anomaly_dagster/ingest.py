@@ -186,18 +186,17 @@ def _scan_lines(path: Path) -> _TextScan:
         while chunk := handle.read(_SCAN_CHUNK):
             data = np.frombuffer(chunk, dtype=np.uint8)
             ends = np.flatnonzero(data == 10)
-            returns = int(np.count_nonzero(data == 13))
-            quotes = quotes or bool(np.count_nonzero(data == 34))
+            # few passes over plain ASCII with \n ends: the byte classes are counted only when present
+            low = int(np.count_nonzero(data < 32))  # line ends, tabs, \r and C0 controls
+            returns = int(np.count_nonzero(data == 13)) if low > len(ends) else 0
+            tabs = int(np.count_nonzero(data == 9)) if low > len(ends) + returns else 0
             carriage_returns += returns
+            quotes = quotes or bool(np.count_nonzero(data == 34))
             if not controls:  # C0 controls besides tab, \n and \r; DEL; C1 controls (UTF-8 \xc2\x80-\x9f)
-                tabs = int(np.count_nonzero(data == 9))
-                lead = np.flatnonzero(data[:-1] == 0xC2) + 1
-                controls = bool(
-                    np.count_nonzero(data < 32) > tabs + len(ends) + returns
-                    or np.count_nonzero(data == 127)
-                    or (after_c2 and data[0] < 0xA0)
-                    or np.count_nonzero(data[lead] < 0xA0)
-                )
+                controls = low > tabs + len(ends) + returns or bool(after_c2 and data[0] < 0xA0)
+                if not controls and np.count_nonzero(data >= 127):
+                    lead = np.flatnonzero(data[:-1] == 0xC2) + 1
+                    controls = bool(np.count_nonzero(data == 127) or np.count_nonzero(data[lead] < 0xA0))
                 after_c2 = bool(data[-1] == 0xC2)
             if not len(ends):
                 partial += len(data)
