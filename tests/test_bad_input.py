@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -884,3 +885,31 @@ def test_line_scan_says_whether_a_field_may_hold_control_characters_or_quotes(
         scan = ingest._scan_lines(path)
         assert scan.controls == (text in CONTROL_TEXT), (text, chunk)
         assert scan.quotes == ('"' in text), (text, chunk)
+
+
+def test_trim_shortcut_gives_what_trim_gives() -> None:
+    """Typing skips ``trim`` for ASCII values without an outer space; every value must still come out
+    exactly as DuckDB's trim leaves it (only spaces and Unicode white space go, tabs and controls stay)."""
+    values = [
+        None,
+        "",
+        " ",
+        "a",
+        " a",
+        "a ",
+        " a b ",
+        "\ta\t",
+        "a\r\n",
+        "\u00a0a",
+        "a\u3000",
+        "é",
+        " é",
+        "e\u0301 ",
+    ]
+    values += [chr(code) + "x" + chr(code) for code in range(1, 128)] + ["\u2003x\u2028", "\u0085x"]
+    with duckdb.connect() as connection:
+        connection.execute("CREATE TABLE v AS SELECT unnest(?::VARCHAR[]) AS x", [values])
+        pairs = connection.execute(f"SELECT x, trim(x), {ingest._trimmed('x')} FROM v").fetchall()
+    assert len(pairs) == len(values)
+    assert [(value, shortcut) for value, trimmed, shortcut in pairs if trimmed != shortcut] == []
+    assert sum(trimmed != value for value, trimmed, _ in pairs if value is not None) >= 10  # trim did work
