@@ -376,6 +376,42 @@ def test_blank_lines_do_not_shift_line_numbers(tmp_path: Path, source: SourceCon
     assert window.quarantine[DAY1]["line"].tolist() == [5, 6]
 
 
+def test_line_numbers_hold_in_a_file_duckdb_reads_in_parallel(tmp_path: Path, source: SourceConfig) -> None:
+    """Rows are numbered by their position in the read (rowid); over a file of many read buffers, with
+    blank, rejected and quarantined lines spread through it, every event still names its own line."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    rng = np.random.default_rng(7)
+    special = {
+        int(line): kind
+        for line, kind in zip(rng.choice(np.arange(2, 400_000), 60, replace=False), "brq" * 20, strict=True)
+    }
+    lines = ["timestamp,page,user,session_id"]
+    for number in range(2, 400_001):
+        kind = special.get(number)
+        second = number % 86_400
+        stamp = f"2020-07-07 {second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}"
+        if kind == "b":
+            lines.append("")
+        elif kind == "r":
+            lines.append(f"{stamp},p,u{number},s,extra")
+        elif kind == "q":
+            lines.append(f"not a time,p,u{number},s")
+        else:
+            lines.append(f"{stamp}, p{number % 7} , u{number},session-{number:012d}-{'x' * 70}")
+    (landing / "clicks_big.csv").write_text("\n".join(lines) + "\n")
+    assert (landing / "clicks_big.csv").stat().st_size > 40 << 20  # many read buffers, read by every thread
+    _, window = index_and_ingest(source, landing, [DAY1])
+    events = events_of(window, DAY1)
+    good = [number for number in range(2, 400_001) if number not in special]
+    assert len(events) == len(good)
+    assert (events["user"] == "u" + events["line"].astype(str)).all()
+    assert sorted(events["line"]) == good
+    quarantined = window.quarantine[DAY1]
+    assert sorted(quarantined["line"]) == sorted(line for line, kind in special.items() if kind in "rq")
+    assert (quarantined["raw"].str.extract(r",u(\d+),")[0].astype(int) == quarantined["line"]).all()
+
+
 @pytest.mark.parametrize(
     ("header", "rows", "blank"),
     [("\r\n", "\n", "\n"), ("\n", "\r\n", "\r\n"), ("\n", "\n", "\r\n"), ("\r\n", "\r\n", "\n")],
