@@ -191,7 +191,7 @@ def _scan_lines(path: Path) -> _TextScan:
             returns = int(np.count_nonzero(data == 13)) if low > len(ends) else 0
             tabs = int(np.count_nonzero(data == 9)) if low > len(ends) + returns else 0
             carriage_returns += returns
-            quotes = quotes or bool(np.count_nonzero(data == 34))
+            quotes = quotes or b'"' in chunk  # memchr: stops at the first quote
             if not controls:  # C0 controls besides tab, \n and \r; DEL; C1 controls (UTF-8 \xc2\x80-\x9f)
                 controls = low > tabs + len(ends) + returns or bool(after_c2 and data[0] < 0xA0)
                 if not controls and np.count_nonzero(data >= 127):

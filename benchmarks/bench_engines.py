@@ -164,10 +164,10 @@ def duckdb_stage(landing: Path, scratch: Path, days: list[date]) -> tuple[int, d
     return int(sum(frame["clicks"].sum() for frame in output.frames.values())), dict(totals)
 
 
-def _typed_csv(files: list[Path]) -> str:
+def _typed_csv(files: list[Path], with_filename: bool = False) -> str:
     listing = "[" + ", ".join(f"'{path}'" for path in files) + "]"
     columns = "{'timestamp': 'TIMESTAMP', 'page': 'VARCHAR', 'user': 'VARCHAR', 'session_id': 'VARCHAR'}"
-    return f"read_csv({listing}, header = true, columns = {columns}, filename = true)"
+    return f"read_csv({listing}, header = true, columns = {columns}, filename = {with_filename})"
 
 
 def _resampled_clicks(connection: duckdb.DuckDBPyConnection, relation: str) -> int:
@@ -188,7 +188,7 @@ def duckdb_keep_floor(files: list[Path], scratch: Path, days: list[date]) -> int
     with duckdb.connect() as connection:
         connection.execute(
             'CREATE TEMP TABLE events AS SELECT timestamp, trim(page) AS page, trim("user") AS "user", '
-            f"trim(session_id) AS session_id, filename AS source_file FROM {_typed_csv(files)}"
+            f"trim(session_id) AS session_id, filename AS source_file FROM {_typed_csv(files, with_filename=True)}"
         )
         for day in days:
             connection.execute(
