@@ -29,8 +29,12 @@ with rate ``time_decay`` per point (AWS's default is ``1 / (10 * sample_size)``)
 Shingling: with ``shingle_size = s`` and ``d`` raw dimensions each point is the concatenation of the last
 ``s`` raw rows, oldest first, so shingled dimension ``j * d + i`` is raw dimension ``i`` at lag ``s-1-j``.
 
-Differences from the AWS library, all deliberate: float64 boxes (not float32), every bounding box stored
-(no cache fraction), top-down insertion (the original paper's; same tree distribution as AWS's
+Points, boxes and cuts are float32, as in the AWS library: half the memory of float64, and a 24-dim box is 3
+cache lines instead of 6 (the streaming climb is bound by reading boxes). Input is rounded to float32 on
+the way in, so values equal in float32 count as duplicates, and values beyond float32's range are
+refused. Scores are accumulated in float64.
+
+Differences from the AWS library, all deliberate: every bounding box stored (no cache fraction), top-down insertion (the original paper's; same tree distribution as AWS's
 bottom-up one), no ``initialAcceptFraction`` and no ``outputAfter`` warm-up gate, and one SplitMix64
 stream per forest so the complete RNG state is a single saved integer.
 
@@ -38,8 +42,8 @@ Speed: one ``update`` (score, then offer to the samplers) is one compiled call; 
 trees in lockstep and records the paths, so the climbs read boxes at known addresses and prefetch them a
 few trees ahead. Batch ``score`` first copies each tree into depth-first tables (left child next to its
 parent, box range sums precomputed) and scores chunks of points tree by tree, in threads
-(:data:`NUM_THREADS`). The two sums per box (distance outside it, range sum) are explicit 4-lane SIMD
-with a fixed order, so all paths give bit-identical scores (streaming, small or large batches, any
+(:data:`NUM_THREADS`). The two sums per box (distance outside it, range sum) are explicit 8-lane float32
+SIMD with a fixed order, so all paths give bit-identical scores (streaming, small or large batches, any
 thread count); being a different order from a left-to-right sum, it moves scores by a few units in the
 last place at most. Insertion and deletion do not use it: the trees, and hence the samples, are exactly
 those of a plain sequential implementation.
@@ -65,7 +69,8 @@ from numba.extending import intrinsic
 from anomaly_dagster.detectors.base import Detector
 from anomaly_dagster.storage import atomic_write_bytes
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: float32 boxes, cuts and shingle (1 had float64)
+_NOT_FINITE = "points must be finite (no NaN or inf) and within float32 range (|x| < 3.4e38)"
 _TREE_KEYS = ("root", "links", "cut_val", "mass", "box", "free", "n_free")
 _SAMPLER_KEYS = ("heap_w", "heap_leaf", "heap_n")
 
@@ -100,20 +105,24 @@ NUM_THREADS: int | None = None
 
 
 # -------------------------------------------------------------------------------------- SIMD box sums
-# The two sums every score step needs, over a box (rows ``lo``, ``hi``) and a point ``x``: the L1 distance
-# of ``x`` outside the box, sum(max(lo - x, x - hi, 0)), and the box's range sum, sum(hi - lo). They are
-# written as LLVM IR with <4 x double> lanes so that the summation order is fixed by us: lane l adds
-# elements l, l+4, l+8, ... in order and the result is (l0 + l1) + (l2 + l3); the last partial block is a
-# masked load (missing lanes add 0, which changes nothing). Plain loops would need ``fastmath`` reassociation
-# to vectorise, and then LLVM picks the order per call site: streaming, small and large batches would
-# differ in the last bits. With fixed lanes they agree exactly, and precomputed range sums are reusable.
+# The two sums every score step needs, over a box (float32 rows ``lo``, ``hi``) and a point ``x``: the L1
+# distance of ``x`` outside the box, sum(max(lo - x, x - hi, 0)), and the box's range sum, sum(hi - lo).
+# They are written as LLVM IR with <8 x float> lanes (one AVX register) so that the summation order is
+# fixed by us: lane l adds elements l, l+8, l+16, ... in order (in float32) and the result is
+# ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), widened to float64; the last partial block is a masked
+# load (missing lanes add 0, which changes nothing). Plain loops would need ``fastmath`` reassociation to
+# vectorise, and then LLVM picks the order per call site: streaming, small and large batches would differ
+# in the last bits. With fixed lanes they agree exactly, and precomputed range sums are reusable.
 
-_V4 = ir.VectorType(ir.DoubleType(), 4)
+_LANES = 8
+_VECTOR = ir.VectorType(ir.FloatType(), _LANES)
 _I32 = ir.IntType(32)
+# float32 values per 64-byte cache line, for prefetching a box line by line.
+_LINE_VALUES = 16
 
 
 def _is_row(ty: types.Type) -> bool:
-    return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype == types.float64
+    return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype == types.float32
 
 
 def _intrinsic_function(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Function:
@@ -127,9 +136,9 @@ def _emit_box_sums(context, builder, x, lo, hi):
     xs = None if x is None else context.make_array(x[0])(context, builder, x[1])
     n = builder.extract_value(lo.shape, 0)
     i64 = n.type
-    zero = ir.Constant(_V4, [0.0] * 4)
-    vector_ptr = _V4.as_pointer()
-    blocks = builder.lshr(n, ir.Constant(i64, 2))
+    zero = ir.Constant(_VECTOR, [0.0] * _LANES)
+    vector_ptr = _VECTOR.as_pointer()
+    blocks = builder.lshr(n, ir.Constant(i64, 3))
 
     def lane_step(gap, span, lov, hiv, xv):
         if xv is not None:
@@ -144,14 +153,14 @@ def _emit_box_sums(context, builder, x, lo, hi):
     done = builder.append_basic_block("box_sums.done")
     builder.branch(head)
     builder.position_at_end(head)
-    index, gap, span = builder.phi(i64), builder.phi(_V4), builder.phi(_V4)
+    index, gap, span = builder.phi(i64), builder.phi(_VECTOR), builder.phi(_VECTOR)
     for phi, value in ((index, ir.Constant(i64, 0)), (gap, zero), (span, zero)):
         phi.add_incoming(value, start)
     builder.cbranch(builder.icmp_unsigned("<", index, blocks), body, done)
     builder.position_at_end(body)
 
     def load_block(array):
-        return builder.load(builder.gep(builder.bitcast(array.data, vector_ptr), [index]), align=8)
+        return builder.load(builder.gep(builder.bitcast(array.data, vector_ptr), [index]), align=4)
 
     next_gap, next_span = lane_step(
         gap, span, load_block(lo), load_block(hi), None if xs is None else load_block(xs)
@@ -162,39 +171,43 @@ def _emit_box_sums(context, builder, x, lo, hi):
     builder.branch(head)
     builder.position_at_end(done)
 
-    # The last n % 4 elements, if any, as one masked block: the missing lanes load as 0 and add 0.
-    base = builder.shl(blocks, ir.Constant(i64, 2))
+    # The last n % 8 elements, if any, as one masked block: the missing lanes load as 0 and add 0.
+    base = builder.shl(blocks, ir.Constant(i64, 3))
     left = builder.sub(n, base)
     full = builder.block
     tail = builder.append_basic_block("box_sums.tail")
     end = builder.append_basic_block("box_sums.end")
     builder.cbranch(builder.icmp_unsigned("!=", left, ir.Constant(i64, 0)), tail, end)
     builder.position_at_end(tail)
-    rest = builder.insert_element(ir.Constant(ir.VectorType(i64, 4), None), left, ir.Constant(_I32, 0))
-    rest = builder.shuffle_vector(rest, rest, ir.Constant(ir.VectorType(_I32, 4), [0, 0, 0, 0]))
-    mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i64, 4), [0, 1, 2, 3]), rest)
+    rest = builder.insert_element(ir.Constant(ir.VectorType(i64, _LANES), None), left, ir.Constant(_I32, 0))
+    rest = builder.shuffle_vector(rest, rest, ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES))
+    mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i64, _LANES), list(range(_LANES))), rest)
     masked_load = _intrinsic_function(
-        builder, "llvm.masked.load.v4f64.p0", ir.FunctionType(_V4, [vector_ptr, _I32, mask.type, _V4])
+        builder,
+        f"llvm.masked.load.v{_LANES}f32.p0",
+        ir.FunctionType(_VECTOR, [vector_ptr, _I32, mask.type, _VECTOR]),
     )
 
     def load_tail(array):
         pointer = builder.bitcast(builder.gep(array.data, [base]), vector_ptr)
-        return builder.call(masked_load, [pointer, ir.Constant(_I32, 8), mask, zero])
+        return builder.call(masked_load, [pointer, ir.Constant(_I32, 4), mask, zero])
 
     tail_gap, tail_span = lane_step(
         gap, span, load_tail(lo), load_tail(hi), None if xs is None else load_tail(xs)
     )
     builder.branch(end)
     builder.position_at_end(end)
-    gap_in, span_in = builder.phi(_V4), builder.phi(_V4)
+    gap_in, span_in = builder.phi(_VECTOR), builder.phi(_VECTOR)
     for phi, before, after in ((gap_in, gap, tail_gap), (span_in, span, tail_span)):
         phi.add_incoming(before, full)
         phi.add_incoming(after, tail)
     gap, span = gap_in, span_in
 
     def lanes_sum(vector):
-        lane = [builder.extract_element(vector, ir.Constant(_I32, k)) for k in range(4)]
-        return builder.fadd(builder.fadd(lane[0], lane[1]), builder.fadd(lane[2], lane[3]))
+        lane = [builder.extract_element(vector, ir.Constant(_I32, k)) for k in range(_LANES)]
+        while len(lane) > 1:  # pairwise: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+            lane = [builder.fadd(lane[k], lane[k + 1]) for k in range(0, len(lane), 2)]
+        return builder.fpext(lane[0], ir.DoubleType())
 
     return lanes_sum(gap), lanes_sum(span)
 
@@ -368,19 +381,19 @@ def _score_rows(points, tree, out):
 # about as much as scoring a few hundred points.
 
 
-def _line_aligned_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """Zeros starting on a 64-byte cache line, so that a 24-dim box (384 bytes) spans 6 lines, not 7."""
+def _line_aligned_boxes(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros starting on a 64-byte cache line, so that a 24-dim box (192 bytes) spans 3 lines."""
     count = int(np.prod(shape))
-    buffer = np.zeros(count + 8)
-    start = (-buffer.ctypes.data % 64) // 8
+    buffer = np.zeros(count + _LINE_VALUES, np.float32)
+    start = (-buffer.ctypes.data % 64) // buffer.itemsize
     return buffer[start : start + count].reshape(shape)
 
 
 def _new_tables(trees: int, nodes: int, dims: int) -> tuple[np.ndarray, ...]:
     return (
-        np.empty((trees, nodes)),  # cut value
+        np.empty((trees, nodes), np.float32),  # cut value
         np.empty((trees, nodes, 2), np.int32),  # (cut dimension or -1 for a leaf, right child)
-        _line_aligned_zeros((trees, nodes, 2, dims)),  # box
+        _line_aligned_boxes((trees, nodes, 2, dims)),  # box
         np.empty((trees, nodes)),  # box range sum
         np.empty((trees, nodes), np.int32),  # parent (-1 at the root, slot 0)
         np.empty((trees, nodes), np.int32),  # mass
@@ -520,7 +533,7 @@ def _score_point(x, tree, scratch):
         if ahead < count and root[ahead] >= 0:
             for k in range(max(depth[ahead] - _PREFETCH_LEVELS, 0), depth[ahead] + 1):
                 first = ahead * tree_size + path[k, ahead] * node_size
-                for offset in range(0, node_size, 8):
+                for offset in range(0, node_size, _LINE_VALUES):
                     _prefetch(box, first + offset)
                 _prefetch(box, first + node_size - 1)
         if root[t] < 0:
@@ -634,22 +647,21 @@ def _insert(t, x, tree, rng):
     dims = x.shape[0]
     i = root[t]
     dim = -1
-    cut = 0.0
+    cut = np.float32(0.0)
     node_size = 2 * dims
     while i >= 0:
         if links[t, i, _DIM] >= 0:
             # Fetch both children while this level's arithmetic runs: the insert may go on into either.
             for side in range(2):
                 kid = t * links.shape[1] + links[t, i, _LEFT + side]
-                for offset in range(0, node_size, 8):
+                for offset in range(0, node_size, _LINE_VALUES):
                     _prefetch(box, kid * node_size + offset)
                 _prefetch(box, kid * node_size + node_size - 1)
                 _prefetch(links, kid * 4)
                 _prefetch(cut_val, kid)
                 _prefetch(mass, kid)
-        total = 0.0
-        for d in range(dims):
-            total += max(box[t, i, 1, d], x[d]) - min(box[t, i, 0, d], x[d])
+        gap, span = _gap_span(x, box[t, i, 0], box[t, i, 1])
+        total = gap + span  # range sum of the box grown by x (SIMD; the scan below may end a hair short)
         if total == 0.0:
             mass[t, i] += 1  # x equals this leaf's point; ancestors were counted on the way down
             return i
@@ -663,7 +675,7 @@ def _insert(t, x, tree, rng):
                 target -= width
         low = min(box[t, i, 0, dim], x[dim])
         high = max(box[t, i, 1, dim], x[dim])
-        cut = min(low + target, np.nextafter(high, low))  # in [low, high) despite rounding
+        cut = min(max(np.float32(low + target), low), np.nextafter(high, low))  # float32 in [low, high)
         if x[dim] <= cut < box[t, i, 0, dim] or box[t, i, 1, dim] <= cut < x[dim]:
             break
         mass[t, i] += 1
@@ -793,8 +805,8 @@ def _update(raw, shingle, counters, tree, sampler, rng, time_decay, scratch):
     width = raw.shape[0]
     dims = shingle.shape[0]
     for d in range(width):
-        if not np.isfinite(raw[d]):
-            raise ValueError("points must be finite (no NaN or inf)")
+        if not np.isfinite(np.float32(raw[d])):
+            raise ValueError(_NOT_FINITE)
     for d in range(dims - width):
         shingle[d] = shingle[d + width]
     for d in range(width):
@@ -823,7 +835,7 @@ def _attribute_rows(points, tree, out):
     root = tree[0]
     dims = points.shape[1]
     path = np.empty(tree[1].shape[1], np.int32)
-    shadow = np.empty((2, dims))
+    shadow = np.empty((2, dims), np.float32)  # a box: float32 like the forest's
     cur = np.empty((dims, 2))
     for t in range(root.shape[0]):
         if root[t] >= 0:
@@ -982,7 +994,11 @@ class RandomCutForest:
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> RandomCutForest:
         """Rebuild a forest from :meth:`state` output, checking every array's dtype and shape."""
         if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"unsupported forest format {meta.get('format_version')!r}")
+            raise ValueError(
+                f"forest format {meta.get('format_version')!r} is not this version's {_FORMAT_VERSION} "
+                "(format 1 held float64 boxes and cuts): retrain the model (re-materialize its training partition) "
+                "or restart the stream to rebuild it"
+            )
         forest = cls(meta["num_trees"], meta["sample_size"], meta["shingle_size"], meta["time_decay"], 0)
         forest.seed = int(meta["seed"])
         if meta["raw_dims"] is not None:
@@ -1016,9 +1032,9 @@ class RandomCutForest:
         self._arrays = {
             "root": np.full(trees, -1, np.int32),
             "links": np.full((trees, nodes, 4), -1, np.int32),
-            "cut_val": np.zeros((trees, nodes)),
+            "cut_val": np.zeros((trees, nodes), np.float32),
             "mass": np.zeros((trees, nodes), np.int32),
-            "box": _line_aligned_zeros((trees, nodes, 2, dims)),
+            "box": _line_aligned_boxes((trees, nodes, 2, dims)),
             "free": np.ascontiguousarray(np.tile(np.arange(nodes - 1, -1, -1, dtype=np.int32), (trees, 1))),
             "n_free": np.full(trees, nodes, np.int32),
             "heap_w": np.zeros((trees, self.sample_size)),
@@ -1026,7 +1042,7 @@ class RandomCutForest:
             "heap_n": np.zeros(trees, np.int32),
             "rng": np.array([self.seed], np.uint64),
             "counters": np.zeros(2, np.int64),  # [points offered to the samplers, raw points seen]
-            "shingle": np.zeros(dims),
+            "shingle": np.zeros(dims, np.float32),
         }
         # Kernel arguments built once (the arrays are only ever mutated in place): keeps update() cheap.
         a = self._arrays
@@ -1056,31 +1072,33 @@ class RandomCutForest:
         return out / used
 
     def _rows(self, X: np.ndarray, allow_new_dims: bool = False) -> np.ndarray:
-        """``X`` as a C-contiguous float64 (n, d) matrix (1-D means one dimension), finite values only."""
-        rows = np.asarray(X, dtype=np.float64)
+        """``X`` as a C-contiguous float32 (n, d) matrix (1-D means one dimension), finite values only."""
+        rows = np.asarray(X)
         if rows.ndim == 1:
             rows = rows[:, None]
         if rows.ndim != 2:
             raise ValueError(f"expected an (n, d) array, got shape {rows.shape}")
         if not allow_new_dims and self.raw_dims is not None and rows.shape[1] != self.raw_dims:
             raise ValueError(f"expected {self.raw_dims} columns, got {rows.shape[1]}")
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused just below
+            rows = np.ascontiguousarray(rows, dtype=np.float32)
         if not np.isfinite(rows).all():
-            raise ValueError("points must be finite (no NaN or inf)")
-        return np.ascontiguousarray(rows)
+            raise ValueError(_NOT_FINITE)
+        return rows
 
     def _shingles(self, rows: np.ndarray, history: np.ndarray | None) -> tuple[np.ndarray, int]:
         """Shingled points for ``rows`` and the index of the first row that has a full shingle."""
         s = self.shingle_size
         if s == 1:
             return rows, 0
-        prefix = np.empty((0, rows.shape[1]))
+        prefix = np.empty((0, rows.shape[1]), np.float32)
         if history is not None:
             prefix = self._rows(history).reshape(-1, rows.shape[1])
             prefix = prefix[max(0, len(prefix) - (s - 1)) :]
         joined = np.concatenate([prefix, rows])
         first = max(0, s - 1 - len(prefix))
         if joined.shape[0] < s:
-            return np.empty((0, s * rows.shape[1])), rows.shape[0]
+            return np.empty((0, s * rows.shape[1]), np.float32), rows.shape[0]
         windows = np.lib.stride_tricks.sliding_window_view(joined, s, axis=0)  # (m, d, s)
         points = np.ascontiguousarray(windows.transpose(0, 2, 1).reshape(windows.shape[0], -1))
         return points, first
