@@ -739,15 +739,15 @@ def _delete(t, leaf, tree):
     while i >= 0:
         mass[t, i] -= 1
         if changed:
-            changed = False
             left, right = links[t, i, _LEFT], links[t, i, _LEFT + 1]
+            moved = 0  # branch-free, so that LLVM vectorises the loop
             for d in range(box.shape[3]):
                 low = min(box[t, left, 0, d], box[t, right, 0, d])
                 high = max(box[t, left, 1, d], box[t, right, 1, d])
-                if low != box[t, i, 0, d] or high != box[t, i, 1, d]:
-                    changed = True
-                    box[t, i, 0, d] = low
-                    box[t, i, 1, d] = high
+                moved |= (low != box[t, i, 0, d]) | (high != box[t, i, 1, d])
+                box[t, i, 0, d] = low
+                box[t, i, 1, d] = high
+            changed = moved != 0
         i = links[t, i, _PARENT]
 
 
@@ -779,14 +779,25 @@ def _sift_up(t, heap_w, heap_leaf, pos):
 
 @njit(cache=True, nogil=True)
 def _offer(x, counters, tree, sampler, rng, time_decay):
-    """Offer ``x`` to every tree's weighted reservoir (max-heap on weight), inserting where accepted."""
-    heap_w, heap_leaf, heap_n = sampler
+    """Offer ``x`` to every tree's weighted reservoir (max-heap on weight), inserting where accepted.
+
+    Without time decay a full tree accepts ``u`` iff ``log(-log u) < w`` (``w`` its largest kept weight),
+    that is iff ``u > exp(-exp(w))``: that bound (``gate``, lowered by a margin far above its rounding
+    error, NaN when stale) turns most offers away without the two logs, and the rest take the exact test,
+    so the samples are exactly those of the plain rule."""
+    heap_w, heap_leaf, heap_n, gate = sampler
     sequence = counters[0]
     counters[0] += 1
     capacity = heap_w.shape[1]
     for t in range(heap_w.shape[0]):
-        weight = np.log(-np.log(_uniform(rng))) - time_decay * sequence
+        u = _uniform(rng)
         size = heap_n[t]
+        if size == capacity and time_decay == 0.0:
+            if np.isnan(gate[t]):
+                gate[t] = np.exp(-np.exp(heap_w[t, 0])) * (1.0 - 1e-12)
+            if u <= gate[t]:
+                continue
+        weight = np.log(-np.log(u)) - time_decay * sequence
         if size < capacity:
             heap_w[t, size] = weight
             heap_leaf[t, size] = _insert(t, x, tree, rng)
@@ -797,6 +808,7 @@ def _offer(x, counters, tree, sampler, rng, time_decay):
             heap_w[t, 0] = weight
             heap_leaf[t, 0] = _insert(t, x, tree, rng)
             _sift_down(t, heap_w, heap_leaf, size)
+            gate[t] = np.nan
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -1047,7 +1059,8 @@ class RandomCutForest:
         # Kernel arguments built once (the arrays are only ever mutated in place): keeps update() cheap.
         a = self._arrays
         self._tree = tuple(a[key] for key in _TREE_KEYS)
-        self._sampler = tuple(a[key] for key in _SAMPLER_KEYS)
+        gate = np.full(trees, np.nan)  # derived from heap_w by _offer, not state
+        self._sampler = (*(a[key] for key in _SAMPLER_KEYS), gate)
         decay = 0.0 if self.time_decay is None else self.time_decay
         # Streaming scratch (not state): each tree's root-to-leaf path, leaf depths, two lockstep work lists.
         scratch = (np.empty((nodes, trees), np.int32), *(np.empty(trees, np.int32) for _ in range(3)))
