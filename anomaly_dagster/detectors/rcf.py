@@ -115,7 +115,6 @@ NUM_THREADS: int | None = None
 # in the last bits. With fixed lanes they agree exactly, and precomputed range sums are reusable.
 
 _LANES = 8
-_VECTOR = ir.VectorType(ir.FloatType(), _LANES)
 _I32 = ir.IntType(32)
 # float32 values per 64-byte cache line, for prefetching a box line by line.
 _LINE_VALUES = 16
@@ -131,29 +130,75 @@ def _intrinsic_function(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType)
 
 
 def _emit_box_sums(context, builder, x, lo, hi):
-    """IR for the lane sums described above; ``x`` None skips the distance. Returns (gap, span) values."""
+    """IR for the lane sums described above; ``x`` None skips the distance. Returns (gap, span) values.
+
+    Rows of at most 4 values take one 4-lane masked block: the same sums bit for bit (the 8-lane order
+    would only add zero lanes), with a cheaper load and reduction (dims 3 is the common raw case)."""
     lo, hi = (context.make_array(ty)(context, builder, value) for ty, value in (lo, hi))
     xs = None if x is None else context.make_array(x[0])(context, builder, x[1])
     n = builder.extract_value(lo.shape, 0)
     i64 = n.type
-    zero = ir.Constant(_VECTOR, [0.0] * _LANES)
-    vector_ptr = _VECTOR.as_pointer()
-    blocks = builder.lshr(n, ir.Constant(i64, 3))
 
-    def lane_step(gap, span, lov, hiv, xv):
+    def zeros(lanes):
+        return ir.Constant(ir.VectorType(ir.FloatType(), lanes), [0.0] * lanes)
+
+    def lane_step(gap, span, block):
+        lov, hiv, xv = block
         if xv is not None:
+            zero = zeros(lov.type.count)
             below, above = builder.fsub(lov, xv), builder.fsub(xv, hiv)
             out = builder.select(builder.fcmp_ordered(">", below, above), below, above)
             gap = builder.fadd(gap, builder.select(builder.fcmp_ordered(">", out, zero), out, zero))
         return gap, builder.fadd(span, builder.fsub(hiv, lov))
 
+    def masked_block(base, lanes):
+        """(lo, hi, x) blocks of ``lanes`` values from element ``base``; lanes at or past n load 0."""
+        vector = ir.VectorType(ir.FloatType(), lanes)
+        left = builder.sub(n, base)
+        rest = builder.insert_element(
+            ir.Constant(ir.VectorType(i64, lanes), None), left, ir.Constant(_I32, 0)
+        )
+        rest = builder.shuffle_vector(rest, rest, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+        mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i64, lanes), list(range(lanes))), rest)
+        masked_load = _intrinsic_function(
+            builder,
+            f"llvm.masked.load.v{lanes}f32.p0",
+            ir.FunctionType(vector, [vector.as_pointer(), _I32, mask.type, vector]),
+        )
+
+        def load(array):
+            pointer = builder.bitcast(builder.gep(array.data, [base]), vector.as_pointer())
+            return builder.call(masked_load, [pointer, ir.Constant(_I32, 4), mask, zeros(lanes)])
+
+        return load(lo), load(hi), None if xs is None else load(xs)
+
+    def lanes_sum(vector):
+        lane = [builder.extract_element(vector, ir.Constant(_I32, k)) for k in range(vector.type.count)]
+        while len(lane) > 1:  # pairwise: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+            lane = [builder.fadd(lane[k], lane[k + 1]) for k in range(0, len(lane), 2)]
+        return builder.fpext(lane[0], ir.DoubleType())
+
+    narrow = builder.append_basic_block("box_sums.narrow")
+    wide = builder.append_basic_block("box_sums.wide")
+    exit_ = builder.append_basic_block("box_sums.exit")
+    builder.cbranch(builder.icmp_unsigned("<=", n, ir.Constant(i64, 4)), narrow, wide)
+
+    builder.position_at_end(narrow)
+    gap, span = lane_step(zeros(4), zeros(4), masked_block(ir.Constant(i64, 0), 4))
+    narrow_sums, narrow_end = (lanes_sum(gap), lanes_sum(span)), builder.block
+    builder.branch(exit_)
+
+    builder.position_at_end(wide)
+    zero = zeros(_LANES)
+    vector_ptr = zero.type.as_pointer()
+    blocks = builder.lshr(n, ir.Constant(i64, 3))
     start = builder.block
     head = builder.append_basic_block("box_sums.head")
     body = builder.append_basic_block("box_sums.body")
     done = builder.append_basic_block("box_sums.done")
     builder.branch(head)
     builder.position_at_end(head)
-    index, gap, span = builder.phi(i64), builder.phi(_VECTOR), builder.phi(_VECTOR)
+    index, gap, span = builder.phi(i64), builder.phi(zero.type), builder.phi(zero.type)
     for phi, value in ((index, ir.Constant(i64, 0)), (gap, zero), (span, zero)):
         phi.add_incoming(value, start)
     builder.cbranch(builder.icmp_unsigned("<", index, blocks), body, done)
@@ -163,7 +208,7 @@ def _emit_box_sums(context, builder, x, lo, hi):
         return builder.load(builder.gep(builder.bitcast(array.data, vector_ptr), [index]), align=4)
 
     next_gap, next_span = lane_step(
-        gap, span, load_block(lo), load_block(hi), None if xs is None else load_block(xs)
+        gap, span, (load_block(lo), load_block(hi), None if xs is None else load_block(xs))
     )
     index.add_incoming(builder.add(index, ir.Constant(i64, 1)), builder.block)
     gap.add_incoming(next_gap, builder.block)
@@ -173,43 +218,29 @@ def _emit_box_sums(context, builder, x, lo, hi):
 
     # The last n % 8 elements, if any, as one masked block: the missing lanes load as 0 and add 0.
     base = builder.shl(blocks, ir.Constant(i64, 3))
-    left = builder.sub(n, base)
     full = builder.block
     tail = builder.append_basic_block("box_sums.tail")
     end = builder.append_basic_block("box_sums.end")
-    builder.cbranch(builder.icmp_unsigned("!=", left, ir.Constant(i64, 0)), tail, end)
+    builder.cbranch(builder.icmp_unsigned("!=", builder.sub(n, base), ir.Constant(i64, 0)), tail, end)
     builder.position_at_end(tail)
-    rest = builder.insert_element(ir.Constant(ir.VectorType(i64, _LANES), None), left, ir.Constant(_I32, 0))
-    rest = builder.shuffle_vector(rest, rest, ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES))
-    mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i64, _LANES), list(range(_LANES))), rest)
-    masked_load = _intrinsic_function(
-        builder,
-        f"llvm.masked.load.v{_LANES}f32.p0",
-        ir.FunctionType(_VECTOR, [vector_ptr, _I32, mask.type, _VECTOR]),
-    )
-
-    def load_tail(array):
-        pointer = builder.bitcast(builder.gep(array.data, [base]), vector_ptr)
-        return builder.call(masked_load, [pointer, ir.Constant(_I32, 4), mask, zero])
-
-    tail_gap, tail_span = lane_step(
-        gap, span, load_tail(lo), load_tail(hi), None if xs is None else load_tail(xs)
-    )
+    tail_gap, tail_span = lane_step(gap, span, masked_block(base, _LANES))
     builder.branch(end)
     builder.position_at_end(end)
-    gap_in, span_in = builder.phi(_VECTOR), builder.phi(_VECTOR)
+    gap_in, span_in = builder.phi(zero.type), builder.phi(zero.type)
     for phi, before, after in ((gap_in, gap, tail_gap), (span_in, span, tail_span)):
         phi.add_incoming(before, full)
         phi.add_incoming(after, tail)
-    gap, span = gap_in, span_in
+    wide_sums, wide_end = (lanes_sum(gap_in), lanes_sum(span_in)), builder.block
+    builder.branch(exit_)
 
-    def lanes_sum(vector):
-        lane = [builder.extract_element(vector, ir.Constant(_I32, k)) for k in range(_LANES)]
-        while len(lane) > 1:  # pairwise: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
-            lane = [builder.fadd(lane[k], lane[k + 1]) for k in range(0, len(lane), 2)]
-        return builder.fpext(lane[0], ir.DoubleType())
-
-    return lanes_sum(gap), lanes_sum(span)
+    builder.position_at_end(exit_)
+    sums = []
+    for narrow_value, wide_value in zip(narrow_sums, wide_sums, strict=True):
+        phi = builder.phi(ir.DoubleType())
+        phi.add_incoming(narrow_value, narrow_end)
+        phi.add_incoming(wide_value, wide_end)
+        sums.append(phi)
+    return sums[0], sums[1]
 
 
 @intrinsic
