@@ -559,6 +559,7 @@ def _score_point(x, tree, scratch):
     node_size = box.shape[2] * box.shape[3]
     tree_size = box.shape[1] * node_size
     total = 0.0
+    norm_mass, norm = -1, 0.0  # log2(M + 1) of the last tree mass seen: trees mostly share one mass
     for t in range(count):
         ahead = t + _PREFETCH_AHEAD
         if ahead < count and root[ahead] >= 0:
@@ -580,7 +581,9 @@ def _score_point(x, tree, scratch):
                 if gap == 0.0:
                     break
                 score = _mix(score, gap, span, k)
-        total += score * np.log2(tree_mass + 1.0)
+        if tree_mass != norm_mass:
+            norm_mass, norm = tree_mass, np.log2(tree_mass + 1.0)
+        total += score * norm
     return total
 
 
