@@ -208,9 +208,12 @@ def test_duplicates_and_deletions_keep_trees_consistent() -> None:
     check_tree_invariants(forest)
 
 
-def test_save_load_resumes_exactly(tmp_path) -> None:
+@pytest.mark.parametrize("time_decay", [0.002, None])  # None: the sampler's cached acceptance bound
+def test_save_load_resumes_exactly(tmp_path, time_decay) -> None:
     series = periodic(900, seed=10)
-    forest = RandomCutForest(num_trees=40, sample_size=64, shingle_size=3, time_decay=0.002, random_state=10)
+    forest = RandomCutForest(
+        num_trees=40, sample_size=64, shingle_size=3, time_decay=time_decay, random_state=10
+    )
     forest.fit(series[:500])
     for row in series[500:600]:
         forest.update(row)
