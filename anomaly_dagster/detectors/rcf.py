@@ -29,13 +29,13 @@ with rate ``time_decay`` per point (AWS's default is ``1 / (10 * sample_size)``)
 Shingling: with ``shingle_size = s`` and ``d`` raw dimensions each point is the concatenation of the last
 ``s`` raw rows, oldest first, so shingled dimension ``j * d + i`` is raw dimension ``i`` at lag ``s-1-j``.
 
-Points, boxes and cuts are float32, as in the AWS library: half the memory of float64, and a 24-dim box is 3
-cache lines instead of 6 (the streaming climb is bound by reading boxes). Input is rounded to float32 on
-the way in, so values equal in float32 count as duplicates, and values beyond float32's range are
-refused. Scores are accumulated in float64.
+Points, boxes and cuts are float32, as in the AWS library: half the memory and half the SIMD work of
+float64 (a 24-dim box is 3 cache lines instead of 6). Input is rounded to float32 on the way in, so
+values equal in float32 count as duplicates, and values beyond float32's range are refused. Scores are
+accumulated in float64.
 
-Differences from the AWS library, all deliberate: every bounding box stored (no cache fraction), top-down insertion (the original paper's; same tree distribution as AWS's
-bottom-up one), no ``initialAcceptFraction`` and no ``outputAfter`` warm-up gate, and one SplitMix64
+Differences from the AWS library, all deliberate: every bounding box stored (no cache fraction),
+top-down insertion (the original paper's; same tree distribution as AWS's bottom-up one), no ``initialAcceptFraction`` and no ``outputAfter`` warm-up gate, and one SplitMix64
 stream per forest so the complete RNG state is a single saved integer.
 
 Speed: one ``update`` (score, then offer to the samplers) is one compiled call; its descent runs all
@@ -45,8 +45,8 @@ parent, box range sums precomputed) and scores chunks of points tree by tree, in
 (:data:`NUM_THREADS`). The two sums per box (distance outside it, range sum) are explicit 8-lane float32
 SIMD with a fixed order, so all paths give bit-identical scores (streaming, small or large batches, any
 thread count); being a different order from a left-to-right sum, it moves scores by a few units in the
-last place at most. Insertion and deletion do not use it: the trees, and hence the samples, are exactly
-those of a plain sequential implementation.
+last place at most. Insertion draws its cut over the box grown by the point, whose range sum is the
+same SIMD ``gap + span``.
 """
 
 from __future__ import annotations
