@@ -681,7 +681,8 @@ def _rejects(connection: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     so in its reason, and the lines it swallowed are counted, so later lines keep their numbers.
     """
     rejects = connection.execute(
-        "WITH errors AS (SELECT line, error_type || ': ' || error_message AS error, csv_line FROM reject_errors) "
+        "WITH errors AS "
+        "(SELECT line, error_type || ': ' || error_message AS error, csv_line FROM reject_errors) "
         # Sorted: a line with several errors gets the same reason whatever order the threads stored them in.
         "SELECT line, string_agg(DISTINCT error, '; ' ORDER BY error) AS reason, "
         "any_value(trim(csv_line, chr(13) || chr(10))) AS raw FROM errors GROUP BY line ORDER BY line"

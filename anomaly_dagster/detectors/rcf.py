@@ -35,8 +35,9 @@ values equal in float32 count as duplicates, and values beyond float32's range a
 accumulated in float64.
 
 Differences from the AWS library, all deliberate: every bounding box stored (no cache fraction),
-top-down insertion (the original paper's; same tree distribution as AWS's bottom-up one), no ``initialAcceptFraction`` and no ``outputAfter`` warm-up gate, and one SplitMix64
-stream per forest so the complete RNG state is a single saved integer.
+top-down insertion (the original paper's; same tree distribution as AWS's bottom-up one), no
+``initialAcceptFraction`` and no ``outputAfter`` warm-up gate, and one SplitMix64 stream per forest so
+the complete RNG state is a single saved integer.
 
 Speed: one ``update`` (score, then offer to the samplers) is one compiled call; its descent runs all
 trees in lockstep and records the paths, so the climbs read boxes at known addresses and prefetch them a
@@ -1042,8 +1043,8 @@ class RandomCutForest:
         if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(
                 f"forest format {meta.get('format_version')!r} is not this version's {_FORMAT_VERSION} "
-                "(format 1 held float64 boxes and cuts): retrain the model (re-materialize its training partition) "
-                "or restart the stream to rebuild it"
+                "(format 1 held float64 boxes and cuts): retrain the model (re-materialize its training "
+                "partition) or restart the stream to rebuild it"
             )
         forest = cls(meta["num_trees"], meta["sample_size"], meta["shingle_size"], meta["time_decay"], 0)
         forest.seed = int(meta["seed"])
