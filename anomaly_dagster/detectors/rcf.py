@@ -43,7 +43,7 @@ Speed: one ``update`` (score, then offer to the samplers) is one compiled call; 
 trees in lockstep and records the paths, so the climbs read boxes at known addresses and prefetch them a
 few trees ahead. Batch ``score`` first copies each tree into depth-first tables (left child next to its
 parent, box range sums precomputed) and scores chunks of points tree by tree, in threads
-(:data:`NUM_THREADS`). The two sums per box (distance outside it, range sum) are explicit 8-lane float32
+(:data:`NUM_THREADS`); the descent there moves 32 points at a time as branch-free SIMD lanes. The two sums per box (distance outside it, range sum) are explicit 8-lane float32
 SIMD with a fixed order, so all paths give bit-identical scores (streaming, small or large batches, any
 thread count); being a different order from a left-to-right sum, it moves scores by a few units in the
 last place at most. Insertion draws its cut over the box grown by the point, whose range sum is the
@@ -117,12 +117,19 @@ NUM_THREADS: int | None = None
 
 _LANES = 8
 _I32 = ir.IntType(32)
+# The batch descent moves _DESCENT_GROUPS independent groups of _LANES points per loop iteration.
+_DESCENT_GROUPS = 4
+_DESCENT_POINTS = _DESCENT_GROUPS * _LANES
 # float32 values per 64-byte cache line, for prefetching a box line by line.
 _LINE_VALUES = 16
 
 
+def _is_array(ty: types.Type, dtype: types.Type = types.float32, ndim: int = 1) -> bool:
+    return isinstance(ty, types.Array) and ty.ndim == ndim and ty.layout == "C" and ty.dtype == dtype
+
+
 def _is_row(ty: types.Type) -> bool:
-    return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype == types.float32
+    return _is_array(ty)
 
 
 def _intrinsic_function(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Function:
@@ -302,6 +309,95 @@ def _prefetch(typingctx, array, index):
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
+
+
+def _emit_lane_loads(builder, base, index, record, field):
+    """``<8 x T>`` of ``base[index[l] * record + field]`` for the 8 lanes of ``index`` (``<8 x i32>``).
+
+    Eight scalar loads, not an AVX2 gather instruction: measured here, gathers were no faster, and plain
+    loads run on every CPU."""
+    out = ir.Constant(ir.VectorType(base.type.pointee, _LANES), None)
+    for lane in range(_LANES):
+        at = builder.extract_element(index, ir.Constant(_I32, lane))
+        at = builder.add(builder.mul(at, ir.Constant(_I32, record)), ir.Constant(_I32, field))
+        out = builder.insert_element(out, builder.load(builder.gep(base, [at])), ir.Constant(_I32, lane))
+    return out
+
+
+@intrinsic
+def _descend_lanes(typingctx, points, first, cuts, kids, leaf, depth):
+    """Send points ``first`` .. ``first + _DESCENT_POINTS - 1`` down one tree's tables as SIMD lanes,
+    writing their ``leaf`` and ``depth`` (the same as :func:`_descend_table`; indices must fit int32).
+
+    Why: the scalar descent (:func:`_descend_table`) keeps a list of the points still moving, and its
+    branch on "reached a leaf" is mispredicted once per point and tree. Here every step is branch-free
+    (compare and select on 8 lanes, _DESCENT_GROUPS independent groups per iteration to overlap load
+    latencies): a lane at its leaf (cut dimension -1) keeps its node and depth until every lane of the
+    call is at a leaf."""
+    if not (
+        _is_array(points, ndim=2)
+        and isinstance(first, types.Integer)
+        and _is_row(cuts)
+        and _is_array(kids, types.int32, 2)
+        and _is_array(leaf, types.int32)
+        and _is_array(depth, types.int32)
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows, cut_values, kid_fields, leaf_out, depth_out = (
+            context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4, 5)
+        )
+        vector = ir.VectorType(_I32, _LANES)
+
+        def splat(value):
+            single = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(single, single, ir.Constant(vector, [0] * _LANES))
+
+        first_row = builder.trunc(args[1], _I32)
+        dims = builder.trunc(builder.extract_value(rows.shape, 1), _I32)
+        zero, one = ir.Constant(vector, [0] * _LANES), ir.Constant(vector, [1] * _LANES)
+        row_starts = []
+        for group in range(_DESCENT_GROUPS):
+            row = builder.add(
+                splat(builder.add(first_row, ir.Constant(_I32, group * _LANES))),
+                ir.Constant(vector, list(range(_LANES))),
+            )
+            row_starts.append(builder.mul(row, splat(dims)))
+        entry = builder.block
+        loop = builder.append_basic_block("descend_lanes.loop")
+        done = builder.append_basic_block("descend_lanes.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        nodes = [builder.phi(vector) for _ in range(_DESCENT_GROUPS)]
+        levels = [builder.phi(vector) for _ in range(_DESCENT_GROUPS)]
+        moving = None
+        for group, (node, level) in enumerate(zip(nodes, levels, strict=True)):
+            node.add_incoming(zero, entry)
+            level.add_incoming(zero, entry)
+            dim = _emit_lane_loads(builder, kid_fields.data, node, 2, 0)
+            right = _emit_lane_loads(builder, kid_fields.data, node, 2, 1)
+            cut = _emit_lane_loads(builder, cut_values.data, node, 1, 0)
+            inner = builder.icmp_signed(">=", dim, zero)
+            value = _emit_lane_loads(
+                builder, rows.data, builder.add(row_starts[group], builder.select(inner, dim, zero)), 1, 0
+            )
+            below = builder.select(builder.fcmp_ordered(">", value, cut), right, builder.add(node, one))
+            node.add_incoming(builder.select(inner, below, node), loop)
+            level.add_incoming(builder.add(level, builder.zext(inner, vector)), loop)
+            bits = builder.bitcast(inner, ir.IntType(_LANES))
+            moving = bits if moving is None else builder.or_(moving, bits)
+        builder.cbranch(builder.icmp_unsigned("!=", moving, ir.Constant(ir.IntType(_LANES), 0)), loop, done)
+        builder.position_at_end(done)
+        for group, (node, level) in enumerate(zip(nodes, levels, strict=True)):
+            offset = builder.add(first_row, ir.Constant(_I32, group * _LANES))
+            for out, value in ((leaf_out, node), (depth_out, level)):
+                builder.store(
+                    value, builder.bitcast(builder.gep(out.data, [offset]), vector.as_pointer()), align=4
+                )
+        return context.get_dummy_value()
+
+    return types.void(points, first, cuts, kids, leaf, depth), codegen
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -488,6 +584,18 @@ def _descend_table(points, cuts, kids, leaf, depth, rows, at):
         level += 1
 
 
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _descend_chunk(points, cuts, kids, leaf, depth, rows, at):
+    """:func:`_descend_table` by :func:`_descend_lanes` for all but the last few points (for all of them
+    if the chunk's flat indices would overflow int32)."""
+    lanes_end = points.shape[0] - points.shape[0] % _DESCENT_POINTS
+    if points.size >= 2**31:
+        lanes_end = 0
+    for first in range(0, lanes_end, _DESCENT_POINTS):
+        _descend_lanes(points, first, cuts, kids, leaf, depth)
+    _descend_table(points[lanes_end:], cuts, kids, leaf[lanes_end:], depth[lanes_end:], rows, at)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _score_table_rows(points, root, tables, out):
     """:func:`_score_rows` on the tables (same arithmetic, same result), ``_CHUNK`` points at a time."""
@@ -502,7 +610,7 @@ def _score_table_rows(points, root, tables, out):
         for t in range(root.shape[0]):
             if root[t] < 0:
                 continue
-            _descend_table(chunk, cuts[t], kids[t], leaf, depth, rows, at)
+            _descend_chunk(chunk, cuts[t], kids[t], leaf, depth, rows, at)
             box_t, span_t, up_t, mass_t = boxes[t], spans[t], ups[t], masses[t]
             tree_mass = mass_t[0]
             norm = np.log2(tree_mass + 1.0)
