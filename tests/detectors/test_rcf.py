@@ -179,13 +179,15 @@ def test_box_sums_use_the_documented_lane_order(dims: int) -> None:
         assert _box_sums(x, box) == (gap, span, gap, span)
 
 
-@pytest.mark.parametrize("shingle_size", [1, 3])
+@pytest.mark.parametrize("shingle_size", [1, 3, 9])  # 3, 9, 27 dims: 8-blocks 0, 1, 3 plus a tail
 def test_scores_are_identical_for_any_batch_size_thread_count_and_streaming(
     monkeypatch, shingle_size
 ) -> None:
     monkeypatch.setattr(rcf, "_TABLE_MIN_POINTS", 64)  # the depth-first tables for the big batch ...
-    monkeypatch.setattr(rcf, "_THREAD_MIN_POINTS", 64)  # ... scored by several threads
+    monkeypatch.setattr(rcf, "_THREAD_MIN_POINTS", 64)  # ... scored by several threads (133-134 points
+    # each: SIMD descent lanes and their scalar tail, full and short climb groups, duplicates among them)
     series = gaussian(1200, seed=15)
+    series[800::7] = series[200:258]  # every 7th new row repeats a fitted one: some are in the trees
     forest = RandomCutForest(num_trees=20, sample_size=32, shingle_size=shingle_size, random_state=15)
     forest.fit(series[:800])
     rows = series[800:]
