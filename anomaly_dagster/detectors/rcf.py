@@ -313,6 +313,63 @@ def _prefetch(typingctx, array, index):
     return types.void(array, index), codegen
 
 
+def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
+    """``value`` in every lane of ``vector``."""
+    single = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(
+        single, single, ir.Constant(ir.VectorType(_I32, vector.count), [0] * vector.count)
+    )
+
+
+def _emit_blocks_then_rest(builder, dims, name, state, whole_block, one_dim):
+    """IR for ``for b in range(dims // 8): state = whole_block(state, 8 * b)``, then for each of the last
+    ``dims % 8`` dimensions (at most 7, unrolled) ``state = one_dim(state, k, d)`` with k the dimension's
+    place in its block. ``state`` is a list of IR values carried through (phis); returns its final value."""
+    index = dims.type
+    blocks = builder.lshr(dims, ir.Constant(index, 3))
+    start = builder.block
+    head = builder.append_basic_block(f"{name}.head")
+    body = builder.append_basic_block(f"{name}.body")
+    rest = builder.append_basic_block(f"{name}.rest")
+    builder.branch(head)
+    builder.position_at_end(head)
+    block = builder.phi(index)
+    block.add_incoming(ir.Constant(index, 0), start)
+    carried = [builder.phi(value.type) for value in state]
+    for phi, value in zip(carried, state, strict=True):
+        phi.add_incoming(value, start)
+    builder.cbranch(builder.icmp_unsigned("<", block, blocks), body, rest)
+    builder.position_at_end(body)
+    updated = whole_block(list(carried), builder.shl(block, ir.Constant(index, 3)))
+    block.add_incoming(builder.add(block, ir.Constant(index, 1)), builder.block)
+    for phi, value in zip(carried, updated, strict=True):
+        phi.add_incoming(value, builder.block)
+    builder.branch(head)
+
+    builder.position_at_end(rest)
+    base = builder.shl(blocks, ir.Constant(index, 3))
+    left = builder.sub(dims, base)
+    end = builder.append_basic_block(f"{name}.end")
+    state = list(carried)
+    exits = []  # (block, the state when leaving it for ``end``)
+    for k in range(_LANES - 1):
+        more = builder.append_basic_block(f"{name}.dim")
+        exits.append((builder.block, state))
+        builder.cbranch(builder.icmp_unsigned(">", left, ir.Constant(index, k)), more, end)
+        builder.position_at_end(more)
+        state = one_dim(list(state), k, builder.add(base, ir.Constant(index, k)))
+    exits.append((builder.block, state))
+    builder.branch(end)
+    builder.position_at_end(end)
+    final = []
+    for k, value in enumerate(state):
+        phi = builder.phi(value.type)
+        for block, values in exits:
+            phi.add_incoming(values[k], block)
+        final.append(phi)
+    return final
+
+
 def _emit_lane_loads(builder, base, index, record, field):
     """``<8 x T>`` of ``base[index[l] * record + field]`` for the 8 lanes of ``index`` (``<8 x i32>``).
 
@@ -351,21 +408,16 @@ def _descend_lanes(typingctx, points, first, cuts, kids, leaf, depth):
             context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4, 5)
         )
         vector = ir.VectorType(_I32, _LANES)
-
-        def splat(value):
-            single = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(single, single, ir.Constant(vector, [0] * _LANES))
-
         first_row = builder.trunc(args[1], _I32)
         dims = builder.trunc(builder.extract_value(rows.shape, 1), _I32)
         zero, one = ir.Constant(vector, [0] * _LANES), ir.Constant(vector, [1] * _LANES)
         row_starts = []
         for group in range(_DESCENT_GROUPS):
             row = builder.add(
-                splat(builder.add(first_row, ir.Constant(_I32, group * _LANES))),
+                _splat(builder, builder.add(first_row, ir.Constant(_I32, group * _LANES)), vector),
                 ir.Constant(vector, list(range(_LANES))),
             )
-            row_starts.append(builder.mul(row, splat(dims)))
+            row_starts.append(builder.mul(row, _splat(builder, dims, vector)))
         entry = builder.block
         loop = builder.append_basic_block("descend_lanes.loop")
         done = builder.append_basic_block("descend_lanes.done")
@@ -427,61 +479,39 @@ def _load_columns(typingctx, points, members, columns):
         def shuffle(u, v, order):
             return builder.shuffle_vector(u, v, ir.Constant(ir.VectorType(_I32, _LANES), order))
 
-        blocks = builder.lshr(dims, ir.Constant(index, 3))
-        start = builder.block
-        head = builder.append_basic_block("load_columns.head")
-        body = builder.append_basic_block("load_columns.body")
-        tail = builder.append_basic_block("load_columns.tail")
-        builder.branch(head)
-        builder.position_at_end(head)
-        block = builder.phi(index)
-        block.add_incoming(ir.Constant(index, 0), start)
-        builder.cbranch(builder.icmp_unsigned("<", block, blocks), body, tail)
-        builder.position_at_end(body)
-        base = builder.shl(block, ir.Constant(index, 3))
-        r = [
-            builder.load(builder.bitcast(builder.gep(s, [base]), floats.as_pointer()), align=4)
-            for s in starts
-        ]
-        # unpack lo/hi of row pairs, then 2-float shuffles, then 128-bit halves: column d of the block.
-        t = []
-        for k in range(0, _LANES, 2):
-            t += [
-                shuffle(r[k], r[k + 1], [0, 8, 1, 9, 4, 12, 5, 13]),
-                shuffle(r[k], r[k + 1], [2, 10, 3, 11, 6, 14, 7, 15]),
-            ]
-        low, high = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        u = []
-        for k in (0, 4):
-            u += [shuffle(t[k], t[k + 2], low), shuffle(t[k], t[k + 2], high)]
-            u += [shuffle(t[k + 1], t[k + 3], low), shuffle(t[k + 1], t[k + 3], high)]
         column_pointer = builder.bitcast(out.data, floats.as_pointer())
-        for d in range(_LANES):
-            half = [0, 1, 2, 3, 8, 9, 10, 11] if d < 4 else [4, 5, 6, 7, 12, 13, 14, 15]
-            value = shuffle(u[d % 4], u[d % 4 + 4], half)
-            builder.store(
-                value, builder.gep(column_pointer, [builder.add(base, ir.Constant(index, d))]), align=4
-            )
-        block.add_incoming(builder.add(block, ir.Constant(index, 1)), builder.block)
-        builder.branch(head)
 
-        builder.position_at_end(tail)
-        base = builder.shl(blocks, ir.Constant(index, 3))
-        left = builder.sub(dims, base)
-        end = builder.append_basic_block("load_columns.end")
-        for d in range(_LANES - 1):
-            more = builder.append_basic_block("load_columns.rest")
-            builder.cbranch(builder.icmp_unsigned(">", left, ir.Constant(index, d)), more, end)
-            builder.position_at_end(more)
-            at = builder.add(base, ir.Constant(index, d))
+        def whole_block(state, base):
+            r = [
+                builder.load(builder.bitcast(builder.gep(s, [base]), floats.as_pointer()), align=4)
+                for s in starts
+            ]
+            # unpack lo/hi of row pairs, then 2-float shuffles, then 128-bit halves: column d of the block.
+            t = []
+            for k in range(0, _LANES, 2):
+                t += [
+                    shuffle(r[k], r[k + 1], [0, 8, 1, 9, 4, 12, 5, 13]),
+                    shuffle(r[k], r[k + 1], [2, 10, 3, 11, 6, 14, 7, 15]),
+                ]
+            low, high = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+            u = []
+            for k in (0, 4):
+                u += [shuffle(t[k], t[k + 2], low), shuffle(t[k], t[k + 2], high)]
+                u += [shuffle(t[k + 1], t[k + 3], low), shuffle(t[k + 1], t[k + 3], high)]
+            for d in range(_LANES):
+                half = [0, 1, 2, 3, 8, 9, 10, 11] if d < 4 else [4, 5, 6, 7, 12, 13, 14, 15]
+                value = shuffle(u[d % 4], u[d % 4 + 4], half)
+                target = builder.gep(column_pointer, [builder.add(base, ir.Constant(index, d))])
+                builder.store(value, target, align=4)
+            return state
+
+        def one_dim(state, _, d):
             for lane, s in enumerate(starts):
-                target = builder.gep(
-                    out.data,
-                    [builder.add(builder.mul(at, ir.Constant(index, _LANES)), ir.Constant(index, lane))],
-                )
-                builder.store(builder.load(builder.gep(s, [at])), target)
-        builder.branch(end)
-        builder.position_at_end(end)
+                at = builder.add(builder.mul(d, ir.Constant(index, _LANES)), ir.Constant(index, lane))
+                builder.store(builder.load(builder.gep(s, [d])), builder.gep(out.data, [at]))
+            return state
+
+        _emit_blocks_then_rest(builder, dims, "load_columns", [], whole_block, one_dim)
         return context.get_dummy_value()
 
     return types.void(points, members, columns), codegen
@@ -511,64 +541,22 @@ def _group_step(typingctx, xs, lo, hi, span, k1, score):
         zero = ir.Constant(floats, [0.0] * _LANES)
         row_pointer = builder.bitcast(columns.data, floats.as_pointer())
 
-        def splat(value, vector):
-            single = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(
-                single, single, ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES)
-            )
-
         def add_distance(total, d):
             x = builder.load(builder.gep(row_pointer, [d]), align=4)
-            below = builder.fsub(splat(builder.load(builder.gep(low.data, [d])), floats), x)
-            above = builder.fsub(x, splat(builder.load(builder.gep(high.data, [d])), floats))
+            below = builder.fsub(_splat(builder, builder.load(builder.gep(low.data, [d])), floats), x)
+            above = builder.fsub(x, _splat(builder, builder.load(builder.gep(high.data, [d])), floats))
             out = builder.select(builder.fcmp_ordered(">", below, above), below, above)
             return builder.fadd(total, builder.select(builder.fcmp_ordered(">", out, zero), out, zero))
 
-        # Whole blocks of 8 dimensions in a loop, the last dims % 8 one by one (each into its accumulator).
-        blocks = builder.lshr(dims, ir.Constant(index, 3))
-        start = builder.block
-        head = builder.append_basic_block("group_step.head")
-        body = builder.append_basic_block("group_step.body")
-        tail = builder.append_basic_block("group_step.tail")
-        builder.branch(head)
-        builder.position_at_end(head)
-        block = builder.phi(index)
-        block.add_incoming(ir.Constant(index, 0), start)
-        sums = [builder.phi(floats) for _ in range(_LANES)]
-        for total in sums:
-            total.add_incoming(zero, start)
-        builder.cbranch(builder.icmp_unsigned("<", block, blocks), body, tail)
-        builder.position_at_end(body)
-        base = builder.shl(block, ir.Constant(index, 3))
-        added = [
-            add_distance(sums[lane], builder.add(base, ir.Constant(index, lane))) for lane in range(_LANES)
-        ]
-        block.add_incoming(builder.add(block, ir.Constant(index, 1)), builder.block)
-        for total, value in zip(sums, added, strict=True):
-            total.add_incoming(value, builder.block)
-        builder.branch(head)
+        # Dimension d adds into accumulator d % 8: whole blocks of 8 in a loop, the last dims % 8 one by one.
+        def whole_block(sums, base):
+            return [add_distance(sums[k], builder.add(base, ir.Constant(index, k))) for k in range(_LANES)]
 
-        builder.position_at_end(tail)
-        base = builder.shl(blocks, ir.Constant(index, 3))
-        left = builder.sub(dims, base)
-        end = builder.append_basic_block("group_step.end")
-        sums = list(sums)
-        exits = []  # (block, the accumulators when leaving it for ``end``)
-        for lane in range(_LANES - 1):
-            more = builder.append_basic_block("group_step.tail")
-            exits.append((builder.block, list(sums)))
-            builder.cbranch(builder.icmp_unsigned(">", left, ir.Constant(index, lane)), more, end)
-            builder.position_at_end(more)
-            sums[lane] = add_distance(sums[lane], builder.add(base, ir.Constant(index, lane)))
-        exits.append((builder.block, list(sums)))
-        builder.branch(end)
-        builder.position_at_end(end)
-        finals = []
-        for lane in range(_LANES):
-            final = builder.phi(floats)
-            for block, values in exits:
-                final.add_incoming(values[lane], block)
-            finals.append(final)
+        def one_dim(sums, k, d):
+            sums[k] = add_distance(sums[k], d)
+            return sums
+
+        finals = _emit_blocks_then_rest(builder, dims, "group_step", [zero] * _LANES, whole_block, one_dim)
 
         # Accumulator l holds "lane l" of every point: the documented pairwise order, on all points at once.
         level = list(finals)
@@ -578,9 +566,9 @@ def _group_step(typingctx, xs, lo, hi, span, k1, score):
         gap = builder.fpext(gap32, doubles)
         score_pointer = builder.bitcast(scores.data, doubles.as_pointer())
         old = builder.load(score_pointer, align=8)
-        p = builder.fdiv(gap, builder.fadd(splat(args[3], doubles), gap))
+        p = builder.fdiv(gap, builder.fadd(_splat(builder, args[3], doubles), gap))
         mixed = builder.fadd(
-            builder.fdiv(p, splat(args[4], doubles)),
+            builder.fdiv(p, _splat(builder, args[4], doubles)),
             builder.fmul(builder.fsub(ir.Constant(doubles, [1.0] * _LANES), p), old),
         )
         builder.store(mixed, score_pointer, align=8)
