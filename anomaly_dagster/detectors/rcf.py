@@ -684,7 +684,7 @@ def _score_rows(points, tree, out):
 # Large batches first copy each tree into depth-first "tables": node k's left child is k + 1, so a step
 # down reads one small record (cut value, cut dimension, right child); parents, masses, boxes and the boxes'
 # range sums (computed once per node instead of once per visit) sit in the same order. Building them costs
-# about as much as scoring a few hundred points.
+# about as much as scoring a few hundred points; the forest keeps them until its trees change.
 
 
 def _line_aligned_boxes(shape: tuple[int, ...]) -> np.ndarray:
@@ -1274,6 +1274,7 @@ class RandomCutForest:
         self._tree: tuple[np.ndarray, ...] = ()
         self._sampler: tuple[np.ndarray, ...] = ()
         self._stream: tuple[Any, ...] = ()
+        self._tables: tuple[np.ndarray, ...] | None = None  # batch tables of the current forest, if built
 
     @property
     def dims(self) -> int | None:
@@ -1340,6 +1341,7 @@ class RandomCutForest:
             self._reset(raw.shape[0])
         elif raw.shape[0] != self.raw_dims:
             raise ValueError(f"expected a point with {self.raw_dims} values, got {raw.shape[0]}")
+        self._tables = None  # the trees may change
         return _update(raw, *self._stream)
 
     def save(self, path: str | Path) -> None:
@@ -1399,6 +1401,7 @@ class RandomCutForest:
         """Empty trees and samplers for ``raw_dims`` raw dimensions, RNG back at the seed."""
         trees, nodes, dims = self.num_trees, 2 * self.sample_size, raw_dims * self.shingle_size
         self.raw_dims = raw_dims
+        self._tables = None
         self._arrays = {
             "root": np.full(trees, -1, np.int32),
             "links": np.full((trees, nodes, 4), -1, np.int32),
@@ -1426,7 +1429,10 @@ class RandomCutForest:
 
     def _score_points(self, points: np.ndarray) -> np.ndarray:
         """Mean tree score of each shingled point: on the forest arrays for a few points, else on
-        depth-first tables (built in parallel over trees, then scored in parallel over points)."""
+        depth-first tables (built in parallel over trees, then scored in parallel over points).
+
+        The tables are kept until ``update`` or ``fit`` changes the trees, so scoring many batches
+        against one trained forest builds them once (they take about as much memory as the boxes)."""
         root = self._tree[0]
         used = np.count_nonzero(root >= 0)
         out = np.zeros(len(points))
@@ -1435,10 +1441,13 @@ class RandomCutForest:
         if len(points) < _TABLE_MIN_POINTS:
             _score_rows(points, self._tree, out)
             return out / used
-        trees, nodes, _, dims = self._tree[4].shape
-        tables = _new_tables(trees, nodes, dims)
         threads = _threads(len(points))
-        _in_threads(lambda a, b: _fill_tables(self._tree, tables, a, b), trees, threads)
+        tables = self._tables
+        if tables is None:
+            trees, nodes, _, dims = self._tree[4].shape
+            tables = _new_tables(trees, nodes, dims)
+            _in_threads(lambda a, b: _fill_tables(self._tree, tables, a, b), trees, threads)
+            self._tables = tables
         _in_threads(lambda a, b: _score_table_rows(points[a:b], root, tables, out[a:b]), len(points), threads)
         return out / used
 

@@ -202,6 +202,25 @@ def test_scores_are_identical_for_any_batch_size_thread_count_and_streaming(
     assert forest.update(rows[0]) == batch[0]  # streaming: the same arithmetic again
 
 
+def test_batch_tables_are_rebuilt_after_the_trees_change(monkeypatch) -> None:
+    monkeypatch.setattr(rcf, "_TABLE_MIN_POINTS", 64)  # a whole-series score runs on the kept tables
+    series = gaussian(1500, seed=16)
+    forest = RandomCutForest(num_trees=20, sample_size=32, random_state=16).fit(series[:600])
+
+    def on_forest_arrays() -> np.ndarray:  # 50-point pieces: below the table threshold
+        return np.concatenate([forest.score(series[i : i + 50]) for i in range(0, len(series), 50)])
+
+    first = forest.score(series)
+    assert np.array_equal(first, on_forest_arrays())
+    for row in series[600:900]:
+        forest.update(row)
+    after_updates = forest.score(series)
+    assert not np.array_equal(after_updates, first)
+    assert np.array_equal(after_updates, on_forest_arrays())
+    forest.fit(series[900:])
+    assert np.array_equal(forest.score(series), on_forest_arrays())
+
+
 def test_duplicates_and_deletions_keep_trees_consistent() -> None:
     rows = np.round(gaussian(3000, seed=9), 1)  # coarse grid: many exact duplicates
     forest = RandomCutForest(num_trees=10, sample_size=24, time_decay=0.05, random_state=9)
