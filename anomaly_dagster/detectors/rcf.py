@@ -518,9 +518,9 @@ def _load_columns(typingctx, points, members, columns):
 
 
 @intrinsic
-def _group_step(typingctx, xs, lo, hi, span, k1, score):
+def _group_step(typingctx, xs, lo, hi, span, weight, score):
     """One climb step of a group of 8 points at one shared box: ``xs`` holds their rows as columns
-    (``(dims, 8)``, one point per SIMD lane), ``score`` their 8 scores, ``k1`` the box's depth + 1.
+    (``(dims, 8)``, one point per SIMD lane), ``score`` their 8 scores, ``weight`` 1 / (the box's depth + 1).
 
     Each point's distance outside the box is summed in exactly :func:`_gap`'s order (accumulator l adds
     dimensions l, l + 8, ... in order, then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))), here as 8
@@ -567,10 +567,7 @@ def _group_step(typingctx, xs, lo, hi, span, k1, score):
         score_pointer = builder.bitcast(scores.data, doubles.as_pointer())
         old = builder.load(score_pointer, align=8)
         p = builder.fdiv(gap, builder.fadd(_splat(builder, args[3], doubles), gap))
-        mixed = builder.fadd(
-            builder.fdiv(p, _splat(builder, args[4], doubles)),
-            builder.fmul(builder.fsub(ir.Constant(doubles, [1.0] * _LANES), p), old),
-        )
+        mixed = builder.fadd(old, builder.fmul(p, builder.fsub(_splat(builder, args[4], doubles), old)))
         builder.store(mixed, score_pointer, align=8)
         outside = builder.bitcast(builder.fcmp_ordered(">", gap32, zero), ir.IntType(_LANES))
         return builder.icmp_unsigned("!=", outside, ir.Constant(ir.IntType(_LANES), 0))
@@ -612,9 +609,12 @@ def _leaf_score(x, point, depth, leaf_mass, tree_mass):
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _mix(score, gap, span, depth):
     """One AWS step up to an ancestor at ``depth`` whose box (range sum ``span``) ``x`` is ``gap`` outside:
-    a random cut of the grown box separates ``x`` with probability ``p = gap / (span + gap)``."""
+    a random cut of the grown box separates ``x`` with probability ``p = gap / (span + gap)``, and
+    ``p / (depth + 1) + (1 - p) score`` is computed as below: one division per point (the batch group
+    step shares ``1 / (depth + 1)`` between its 8 points), none on the chain through ``score``.
+    ``gap = 0`` leaves ``score`` exact."""
     p = gap / (span + gap)
-    return p / (depth + 1.0) + (1.0 - p) * score
+    return score + p * (1.0 / (depth + 1.0) - score)
 
 
 @njit(cache=True, nogil=True)
@@ -811,7 +811,7 @@ def _climb_groups(points, leaf, depth, box, span, up, mass, out, scratch):
             at = level
             while climbing and i >= 0:
                 at -= 1
-                climbing = _group_step(columns, box[i, 0], box[i, 1], span[i], at + 1.0, scores)
+                climbing = _group_step(columns, box[i, 0], box[i, 1], span[i], 1.0 / (at + 1.0), scores)
                 i = up[i]
             for lane in range(min(_LANES, end - group)):
                 out[members[lane]] += scores[lane] * norm
