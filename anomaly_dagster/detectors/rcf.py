@@ -124,6 +124,7 @@ _DESCENT_GROUPS = 4
 _DESCENT_POINTS = _DESCENT_GROUPS * _LANES
 # float32 values per 64-byte cache line, for prefetching a box line by line.
 _LINE_VALUES = 16
+_ALL_LANES = (1 << _LANES) - 1
 
 
 def _is_array(ty: types.Type, dtype: types.Type = types.float32, ndim: int = 1) -> bool:
@@ -526,7 +527,7 @@ def _group_step(typingctx, xs, lo, hi, span, weight, score):
     dimensions l, l + 8, ... in order, then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))), here as 8
     accumulators of 8 points each; then :func:`_mix` runs on all 8 scores at once. A point inside the box
     keeps its score bit for bit (the mix with p = 0 is exact), so a group can climb until its last point
-    stops. Returns whether any point is outside the box."""
+    stops. Returns the lanes whose point is outside the box, as bits (lane l is bit l)."""
     if not (_is_array(xs, ndim=2) and _is_row(lo) and _is_row(hi) and _is_array(score, types.float64)):
         return None
 
@@ -570,9 +571,9 @@ def _group_step(typingctx, xs, lo, hi, span, weight, score):
         mixed = builder.fadd(old, builder.fmul(p, builder.fsub(_splat(builder, args[4], doubles), old)))
         builder.store(mixed, score_pointer, align=8)
         outside = builder.bitcast(builder.fcmp_ordered(">", gap32, zero), ir.IntType(_LANES))
-        return builder.icmp_unsigned("!=", outside, ir.Constant(ir.IntType(_LANES), 0))
+        return builder.zext(outside, ir.IntType(64))
 
-    return types.boolean(xs, lo, hi, types.float64, types.float64, score), codegen
+    return types.int64(xs, lo, hi, types.float64, types.float64, score), codegen
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -780,8 +781,11 @@ def _climb_groups(points, leaf, depth, box, span, up, mass, out, scratch):
     tables: :func:`_climb_score`'s arithmetic, bit for bit.
 
     Points whose leaves share a parent share the whole climb above it (and the depth), so they are sorted
-    by that parent (a counting sort) and climb in groups of 8 as SIMD lanes (:func:`_group_step`). Each
-    point's leaf check stays scalar."""
+    by that parent (a counting sort) and climb in groups of 8 as SIMD lanes (:func:`_group_step`).
+
+    Every point starts with the unseen score. Only a point inside the parent's box can be its leaf's
+    point (a duplicate, "seen"), and such a point's score is never changed by the climb (p = 0 all the
+    way up), so the scalar leaf check runs after the climb and only for those points."""
     order, key, count, columns, scores, members = scratch
     n = points.shape[0]
     tree_mass = mass[0]
@@ -799,22 +803,28 @@ def _climb_groups(points, leaf, depth, box, span, up, mass, out, scratch):
     while first < n:
         end = count[key[order[first]]]
         level = depth[order[first]]
+        unseen = 1.0 / (level + 1.0)
         for group in range(first, end, _LANES):
-            climbing = False
             for lane in range(_LANES):
-                j = order[min(group + lane, end - 1)]  # a short group repeats its last point
-                members[lane] = j
-                scores[lane], seen = _leaf_score(points[j], box[leaf[j], 0], level, mass[leaf[j]], tree_mass)
-                climbing |= not seen
+                members[lane] = order[min(group + lane, end - 1)]  # a short group repeats its last point
+                scores[lane] = unseen
             _load_columns(points, members, columns)
             i = up[leaf[members[0]]]
-            at = level
-            while climbing and i >= 0:
-                at -= 1
-                climbing = _group_step(columns, box[i, 0], box[i, 1], span[i], 1.0 / (at + 1.0), scores)
+            inside_parent = _ALL_LANES  # without a parent (a one-leaf tree) every point may be seen
+            if i >= 0:
+                at = level - 1
+                outside = _group_step(columns, box[i, 0], box[i, 1], span[i], 1.0 / (at + 1.0), scores)
+                inside_parent ^= outside
                 i = up[i]
+                while outside and i >= 0:
+                    at -= 1
+                    outside = _group_step(columns, box[i, 0], box[i, 1], span[i], 1.0 / (at + 1.0), scores)
+                    i = up[i]
             for lane in range(min(_LANES, end - group)):
-                out[members[lane]] += scores[lane] * norm
+                j = members[lane]
+                if inside_parent >> lane & 1:
+                    scores[lane] = _leaf_score(points[j], box[leaf[j], 0], level, mass[leaf[j]], tree_mass)[0]
+                out[j] += scores[lane] * norm
         first = end
 
 

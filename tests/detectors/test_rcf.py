@@ -202,6 +202,18 @@ def test_scores_are_identical_for_any_batch_size_thread_count_and_streaming(
     assert forest.update(rows[0]) == batch[0]  # streaming: the same arithmetic again
 
 
+def test_one_point_trees_score_duplicates_as_seen_on_every_path(monkeypatch) -> None:
+    monkeypatch.setattr(rcf, "_TABLE_MIN_POINTS", 64)  # the whole series on the tables, pieces not
+    series = gaussian(400, seed=17)
+    series[::2] = series[0]  # every other row is the one point each tree holds (its leaf is its root)
+    forest = RandomCutForest(num_trees=10, sample_size=4, random_state=17).fit(series[:1])
+    batch = forest.score(series)
+    assert np.array_equal(
+        batch, np.concatenate([forest.score(series[i : i + 50]) for i in range(0, 400, 50)])
+    )
+    assert batch[0] < batch[1:].max() and np.unique(batch[::2]).size == 1
+
+
 def test_batch_tables_are_rebuilt_after_the_trees_change(monkeypatch) -> None:
     monkeypatch.setattr(rcf, "_TABLE_MIN_POINTS", 64)  # a whole-series score runs on the kept tables
     series = gaussian(1500, seed=16)
