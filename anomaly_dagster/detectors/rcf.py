@@ -830,23 +830,26 @@ def _climb_groups(points, leaf, depth, box, span, up, mass, out, scratch):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _score_table_rows(points, root, tables, out):
-    """:func:`_score_rows` on the tables (same arithmetic, same result), ``_CHUNK`` points at a time."""
+    """:func:`_score_rows` on the tables (same arithmetic, same result), in equal chunks of about
+    ``_CHUNK`` points (a short last chunk would fill the climb groups worse)."""
     cuts, kids, boxes, spans, ups, masses = tables
     n, dims = points.shape
-    leaf = np.empty(_CHUNK, np.int32)
-    depth = np.empty(_CHUNK, np.int32)
-    rows = np.empty(_CHUNK, np.int32)
-    at = np.empty(_CHUNK, np.int32)
+    chunks = max(1, (n + _CHUNK // 2) // _CHUNK)
+    size = (n + chunks - 1) // chunks
+    leaf = np.empty(size, np.int32)
+    depth = np.empty(size, np.int32)
+    rows = np.empty(size, np.int32)
+    at = np.empty(size, np.int32)
     scratch = (
-        np.empty(_CHUNK, np.int32),  # points in climb order
-        np.empty(_CHUNK, np.int32),  # their sort keys
+        np.empty(size, np.int32),  # points in climb order
+        np.empty(size, np.int32),  # their sort keys
         np.empty(kids.shape[1] + 2, np.int64),  # counts, then run ends, per key
         np.empty((dims, _LANES), np.float32),  # a group's rows as columns
         np.empty(_LANES),  # its scores
         np.empty(_LANES, np.int32),  # its points
     )
-    for start in range(0, n, _CHUNK):
-        chunk = points[start : min(n, start + _CHUNK)]
+    for start in range(0, n, size):
+        chunk = points[start : min(n, start + size)]
         part = out[start : start + chunk.shape[0]]
         for t in range(root.shape[0]):
             if root[t] >= 0:
