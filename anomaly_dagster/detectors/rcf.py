@@ -42,13 +42,13 @@ the complete RNG state is a single saved integer.
 Speed: one ``update`` (score, then offer to the samplers) is one compiled call; its descent runs all
 trees in lockstep and records the paths, so the climbs read boxes at known addresses and prefetch them a
 few trees ahead. Batch ``score`` first copies each tree into depth-first tables (left child next to its
-parent, box range sums precomputed) and scores chunks of points tree by tree, in threads
-(:data:`NUM_THREADS`): the descent moves 32 points at a time as branch-free SIMD lanes, and points whose
-leaves share a parent climb together, 8 per SIMD group. The two sums per box (distance outside it, range
-sum) are explicit 8-lane float32 SIMD with a fixed order, so all paths give bit-identical scores
-(streaming, small or large batches, any thread count); being a different order from a left-to-right
-sum, it moves scores by a few units in the last place at most. Insertion draws its cut over the box grown
-by the point, whose range sum is the same SIMD ``gap + span``.
+parent, box range sums precomputed; kept until the trees change) and scores chunks of points tree by
+tree, in threads (:data:`NUM_THREADS`): the descent moves 32 points at a time as branch-free SIMD lanes,
+and points whose leaves share a parent climb together, 8 per SIMD group. The two sums per box (distance
+outside it, range sum) are explicit 8-lane float32 SIMD with a fixed order, so all paths give
+bit-identical scores (streaming, small or large batches, any thread count); being a different order
+from a left-to-right sum, it moves scores by a few units in the last place at most. Insertion draws its
+cut over the box grown by the point, whose range sum is the same SIMD ``gap + span``.
 """
 
 from __future__ import annotations
