@@ -131,10 +131,6 @@ def _is_array(ty: types.Type, dtype: types.Type = types.float32, ndim: int = 1) 
     return isinstance(ty, types.Array) and ty.ndim == ndim and ty.layout == "C" and ty.dtype == dtype
 
 
-def _is_row(ty: types.Type) -> bool:
-    return _is_array(ty)
-
-
 def _intrinsic_function(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Function:
     existing = builder.module.globals.get(name)
     return existing if existing is not None else ir.Function(builder.module, fnty, name)
@@ -257,7 +253,7 @@ def _emit_box_sums(context, builder, x, lo, hi):
 @intrinsic
 def _gap_span(typingctx, x, lo, hi):
     """(distance of ``x`` outside the box ``lo``..``hi``, the box's range sum); rows of equal length."""
-    if not (_is_row(x) and _is_row(lo) and _is_row(hi)):
+    if not (_is_array(x) and _is_array(lo) and _is_array(hi)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -269,22 +265,9 @@ def _gap_span(typingctx, x, lo, hi):
 
 
 @intrinsic
-def _gap(typingctx, x, lo, hi):
-    """The first half of :func:`_gap_span` (bit for bit)."""
-    if not (_is_row(x) and _is_row(lo) and _is_row(hi)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        x_, lo_, hi_ = zip(signature.args, args, strict=True)
-        return _emit_box_sums(context, builder, x_, lo_, hi_)[0]
-
-    return types.float64(x, lo, hi), codegen
-
-
-@intrinsic
 def _span(typingctx, lo, hi):
     """The second half of :func:`_gap_span` (bit for bit)."""
-    if not (_is_row(lo) and _is_row(hi)):
+    if not (_is_array(lo) and _is_array(hi)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -397,7 +380,7 @@ def _descend_lanes(typingctx, points, first, cuts, kids, leaf, depth):
     if not (
         _is_array(points, ndim=2)
         and isinstance(first, types.Integer)
-        and _is_row(cuts)
+        and _is_array(cuts)
         and _is_array(kids, types.int32, 2)
         and _is_array(leaf, types.int32)
         and _is_array(depth, types.int32)
@@ -523,12 +506,12 @@ def _group_step(typingctx, xs, lo, hi, span, weight, score):
     """One climb step of a group of 8 points at one shared box: ``xs`` holds their rows as columns
     (``(dims, 8)``, one point per SIMD lane), ``score`` their 8 scores, ``weight`` 1 / (the box's depth + 1).
 
-    Each point's distance outside the box is summed in exactly :func:`_gap`'s order (accumulator l adds
+    Each point's distance outside the box is summed in exactly :func:`_gap_span`'s order (accumulator l adds
     dimensions l, l + 8, ... in order, then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))), here as 8
     accumulators of 8 points each; then :func:`_mix` runs on all 8 scores at once. A point inside the box
     keeps its score bit for bit (the mix with p = 0 is exact), so a group can climb until its last point
     stops. Returns the lanes whose point is outside the box, as bits (lane l is bit l)."""
-    if not (_is_array(xs, ndim=2) and _is_row(lo) and _is_row(hi) and _is_array(score, types.float64)):
+    if not (_is_array(xs, ndim=2) and _is_array(lo) and _is_array(hi) and _is_array(score, types.float64)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -810,16 +793,14 @@ def _climb_groups(points, leaf, depth, box, span, up, mass, out, scratch):
                 scores[lane] = unseen
             _load_columns(points, members, columns)
             i = up[leaf[members[0]]]
-            inside_parent = _ALL_LANES  # without a parent (a one-leaf tree) every point may be seen
-            if i >= 0:
-                at = level - 1
+            inside_parent = outside = _ALL_LANES  # without a parent (one-leaf tree) every point may be seen
+            at = level
+            while outside and i >= 0:
+                at -= 1
                 outside = _group_step(columns, box[i, 0], box[i, 1], span[i], 1.0 / (at + 1.0), scores)
-                inside_parent ^= outside
+                if at == level - 1:
+                    inside_parent ^= outside
                 i = up[i]
-                while outside and i >= 0:
-                    at -= 1
-                    outside = _group_step(columns, box[i, 0], box[i, 1], span[i], 1.0 / (at + 1.0), scores)
-                    i = up[i]
             for lane in range(min(_LANES, end - group)):
                 j = members[lane]
                 if inside_parent >> lane & 1:
