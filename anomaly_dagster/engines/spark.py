@@ -45,7 +45,8 @@ from pyspark.sql import functions as F
 
 from anomaly_dagster import ingest
 from anomaly_dagster.config import MetricConfig, SourceConfig, TimestampConfig
-from anomaly_dagster.pipeline import AssetOutput, StageContext, Upstream, _record, _write
+from anomaly_dagster.entities import MISSING_ENTITY
+from anomaly_dagster.pipeline import AssetOutput, StageContext, _record, _resample_upstream, _write
 from anomaly_dagster.storage import temporary_sibling
 from anomaly_dagster.warehouse import WrittenPartition
 
@@ -865,34 +866,61 @@ def _bucket_grid(source: SourceConfig, days: Iterable[date]) -> pd.DataFrame:
     return pd.DataFrame({"bucket_start": np.concatenate(starts).astype("datetime64[us]")})
 
 
-def run_resample_spark(context: StageContext, days: list[date], spark: SparkSession) -> list[AssetOutput]:
-    """``pipeline.run_resample`` on Spark: one row per bucket of each day, zeros for empty count buckets."""
-    source, warehouse = context.source, context.warehouse
-    if source.entity is not None:  # per-entity grids are the DuckDB engine's alone
-        raise ValueError(
-            f"{source.name}: the Spark engine resamples sources without an entity column; "
-            f"use engine: duckdb for {source.name} (entity {source.entity!r})"
+def _entity_grid(source: SourceConfig, days: list[date], aggregated: pd.DataFrame) -> pd.DataFrame:
+    """The DuckDB engine's per-entity grid: day D has every bucket of D for each entity with events on
+    D or the day before (``aggregated`` holds both days' buckets), ordered by entity then bucket."""
+    seen = aggregated.groupby(aggregated["bucket_start"].dt.date)[source.entity].unique()
+    grids = []
+    for day in days:
+        entities = sorted({*seen.get(day, []), *seen.get(day - timedelta(days=1), [])})
+        starts = _bucket_grid(source, [day])["bucket_start"].to_numpy()
+        grids.append(
+            pd.DataFrame(
+                {
+                    "bucket_start": np.tile(starts, len(entities)),
+                    source.entity: np.repeat(np.array(entities, dtype=object), len(starts)),
+                }
+            )
         )
+    return pd.concat(grids, ignore_index=True).sort_values([source.entity, "bucket_start"], kind="stable")
+
+
+def run_resample_spark(context: StageContext, days: list[date], spark: SparkSession) -> list[AssetOutput]:
+    """``pipeline.run_resample`` on Spark: one row per bucket of each day (per entity and day for an
+    entity source), zeros for empty count buckets."""
+    source, warehouse = context.source, context.warehouse
     _configure(spark)
-    paths = (warehouse.partition_file(source.name, "raw_events", day) for day in days)
+    (upstream,) = _resample_upstream(source)
+    read = sorted({day for d in days for day in upstream.days(d)})
+    paths = (warehouse.partition_file(source.name, "raw_events", day) for day in read)
     files = [path for path in paths if path.exists()]
+    keys = ["bucket_start", *([source.entity] if source.entity is not None else [])]
     if files:
         events = spark.read.parquet(*(_hadoop_path(path) for path in files))
         micros = F.unix_micros(F.col("timestamp").cast("timestamp"))
         width = F.lit(source.bucket_minutes * 60_000_000)
-        bucket = F.timestamp_micros(micros - F.pmod(micros, width)).cast("timestamp_ntz")
+        groups = [
+            F.timestamp_micros(micros - F.pmod(micros, width)).cast("timestamp_ntz").alias("bucket_start")
+        ]
+        if source.entity is not None:  # as entities.entity_sql
+            value = F.nullif(F.trim(F.col(source.entity)), F.lit(""))
+            groups.append(F.coalesce(value, F.lit(MISSING_ENTITY)).alias(source.entity))
         aggregations = [_aggregation(metric) for metric in source.metrics]
         with warehouse.reading():  # no partition replaced while Spark reads it
-            aggregated = events.groupBy(bucket.alias("bucket_start")).agg(*aggregations).toPandas()
+            aggregated = events.groupBy(*groups).agg(*aggregations).toPandas()
         aggregated["bucket_start"] = aggregated["bucket_start"].astype("datetime64[us]")
     else:
-        columns = {"bucket_start": "datetime64[us]"} | {metric.name: "float64" for metric in source.metrics}
+        columns = {key: "object" for key in keys} | {"bucket_start": "datetime64[us]"}
+        columns |= {metric.name: "float64" for metric in source.metrics}
         aggregated = pd.DataFrame({name: pd.Series(dtype=kind) for name, kind in columns.items()})
-    table = _bucket_grid(source, days).merge(aggregated, on="bucket_start", how="left")
+    grid = _bucket_grid(source, days) if source.entity is None else _entity_grid(source, days, aggregated)
+    table = grid.merge(aggregated, on=keys, how="left")
     for metric in source.metrics:
         if metric.is_count:
             table[metric.name] = table[metric.name].fillna(0).astype("int64")
     frames = {day: part.reset_index(drop=True) for day, part in table.groupby(table["bucket_start"].dt.date)}
-    output = _write(context, "resampled", frames, [Upstream("raw_events")])
+    # an entity source may have a day without any entity: an empty partition, not a missing one
+    frames = {day: frames.get(day, table.iloc[:0]) for day in days}
+    output = _write(context, "resampled", frames, [upstream])
     output.summary["engine"] = "spark"
     return _record(context, [output])

@@ -34,6 +34,7 @@ from anomaly_dagster.engines.spark import (
     run_ingest_spark,
     run_resample_spark,
 )
+from anomaly_dagster.generate import generate_sensors
 from anomaly_dagster.pipeline import StageContext
 from anomaly_dagster.warehouse import RunInfo, Warehouse, file_checksum
 from resources.spark import SparkResource
@@ -391,6 +392,59 @@ def test_malformed_input_covers_the_rules(edge):
         "duplicate event: also in …",
     } <= set(reasons)
     assert quarantine["reason"].str.startswith("unreadable file: ").sum() == 1
+
+
+# --- an entity source: a grid per sensor and day -----------------------------------------------------------
+
+
+SENSOR_DAYS = [date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)]
+
+
+@pytest.fixture(scope="module")
+def sensors(spark, tmp_path_factory) -> dict[str, Warehouse]:
+    """Three days of generated sensor logs, plus a sensor heard on the first day only (its grid goes on,
+    empty, for one more day) and readings without a sensor id (the series "default")."""
+    root = tmp_path_factory.mktemp("spark_sensors")
+    landing = root / "landing"
+    generate_sensors(landing, days=len(SENSOR_DAYS), start=SENSOR_DAYS[0], labels_path=root / "labels.csv")
+    (landing / "sensors_extra.csv").write_text(
+        "timestamp,sensor_id,temperature,pressure\n"
+        "2024-03-01 10:00:00,s99,20.5,1010\n"
+        "2024-03-01 10:05:00,s99,21.5,1011\n"
+        "2024-03-02 11:00:00,,22.0,1012\n"
+        "2024-03-02 11:01:00,  ,23.0,1013\n"
+    )
+    source = load_source(PACKAGE_SOURCES_DIR / "sensors.yaml")
+    return run_engines(spark, source, landing, SENSOR_DAYS, root)
+
+
+@pytest.mark.parametrize("day", SENSOR_DAYS)
+def test_an_entity_source_resamples_alike(sensors, day):
+    duckdb_frame, spark_frame = outputs(sensors, "sensors", "resampled", day)
+    assert len(duckdb_frame) >= 4 * 144
+    pd.testing.assert_frame_equal(spark_frame, duckdb_frame, check_exact=False, rtol=1e-12)
+
+
+def test_a_silent_sensor_keeps_its_grid_for_a_day(sensors):
+    frames = {day: sensors["spark"].read_partitions("sensors", "resampled", [day]) for day in SENSOR_DAYS}
+    rows = {day: frame.groupby("sensor_id").size().to_dict() for day, frame in frames.items()}
+    fleet = {"s01": 144, "s02": 144, "s03": 144}
+    assert rows == {
+        SENSOR_DAYS[0]: fleet | {"s99": 144},
+        SENSOR_DAYS[1]: fleet | {"s99": 144, "default": 144},
+        SENSOR_DAYS[2]: fleet | {"default": 144},
+    }
+    silent = frames[SENSOR_DAYS[1]].query("sensor_id == 's99'")
+    assert (silent["temperature_count"] == 0).all() and silent["temperature_mean"].isna().all()
+    assert frames[SENSOR_DAYS[1]].query("sensor_id == 'default'")["temperature_count"].sum() == 2
+    query = "SELECT partition, upstream FROM meta.lineage WHERE asset = 'resampled' ORDER BY partition"
+    duckdb_lineage, spark_lineage = (sensors[engine].query(query) for engine in ("duckdb", "spark"))
+    spark_days, duckdb_days = (
+        [[entry["partition"] for entry in json.loads(value)] for value in lineage["upstream"]]
+        for lineage in (spark_lineage, duckdb_lineage)
+    )
+    assert spark_days == duckdb_days
+    assert spark_days[1] == ["2024-03-01", "2024-03-02"]  # day D reads raw events of D-1 and D
 
 
 # --- pieces ------------------------------------------------------------------------------------------------
