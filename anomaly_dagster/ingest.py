@@ -44,7 +44,8 @@ The rules for bad input, case by case:
 Quarantine rows without a usable timestamp (including every line DuckDB rejected, which it did not
 parse) go to their file's home day: its first valid day, else
 (a file with no valid event, e.g. a truncated gzip) the first day of its readable prefix, else a
-date in its name (``clicks_2020-07-15.csv.gz``), else its modification day.
+date in its name (``clicks_2020-07-15.csv.gz``), else its modification day, or ``start_date`` when
+that day is earlier (an archive copied with its times kept).
 
 A small landing index (JSON in the warehouse) remembers which days each file touches, keyed by
 size and modification time, so a daily run reads only the files that hold that day and the
@@ -853,7 +854,7 @@ def _indexed(
         return LandingFile(str(path), size, mtime_ns, days, days[0])
     prefix = [] if readable else _readable_prefix_days(source, path)
     home = prefix[0] if prefix else _day_in_name(source, path)
-    modified = datetime.fromtimestamp(mtime_ns / 1e9, UTC).date()
+    modified = max(datetime.fromtimestamp(mtime_ns / 1e9, UTC).date(), source.start_date)
     return LandingFile(str(path), size, mtime_ns, days, (home or modified).isoformat())
 
 
@@ -919,10 +920,10 @@ def _ingest(
     for path, known in sorted(candidates, key=lambda candidate: str(candidate[0])):
         if known is not None and not known.touched_days & wanted:
             continue
+        stat = path.stat()  # before the read: a file appended to meanwhile is read again next time
         readable, file_rows = load_file(connection, source, path)
         if known is None:  # new or changed: indexed from this read (only ingest_landing passes these)
             assert index is not None
-            stat = path.stat()
             known = index.add(_indexed(connection, source, path, stat.st_size, stat.st_mtime_ns, readable))
         entry = known
         touched = entry.touched_days & wanted

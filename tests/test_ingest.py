@@ -530,6 +530,55 @@ def test_truncated_gzip_is_quarantined_as_a_file_and_others_go_on(
     assert set(events["source_file"]) == {str(good.resolve())}
 
 
+def test_a_file_modified_before_the_source_starts_quarantines_on_its_first_day(
+    tmp_path: Path, source: SourceConfig
+) -> None:
+    """An archive copied with its times kept: its rows must land on a day the pipeline has."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    garbage = landing / "clicks_archive.csv"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    early = landing / "clicks_early.csv"
+    early.write_text("timestamp,page,user,session_id\n2020-07-06 23:00:00,p,u,s\n2020-07-06 23:30:00,p,u,s\n")
+    for path in (garbage, early):
+        set_mtime(path, datetime(2019, 12, 31, 12, 0))
+    entries, window = index_and_ingest(source, landing, [DAY1])
+    assert {Path(entry.path).name: entry.home_day for entry in entries} == {
+        "clicks_archive.csv": "2020-07-07",
+        "clicks_early.csv": "2020-07-07",
+    }
+    reasons = window.quarantine[DAY1].groupby(
+        window.quarantine[DAY1]["source_file"].map(lambda p: Path(p).name)
+    )
+    assert reasons.size().to_dict() == {"clicks_archive.csv": 1, "clicks_early.csv": 2}
+
+
+def test_a_file_appended_to_while_it_is_read_is_read_again(
+    tmp_path: Path, source: SourceConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index keeps the size and time seen before the read, so the appended day is not lost."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    log = landing / "clicks_live.csv"
+    log.write_text("timestamp,page,user,session_id\n2020-07-07 10:00:00,p,u1,s\n")
+    read_file = ingest.load_file
+
+    def read_then_append(*args, **kwargs):
+        result = read_file(*args, **kwargs)
+        monkeypatch.setattr(ingest, "load_file", read_file)  # only the first read races the writer
+        with log.open("a") as handle:
+            handle.write("2020-07-08 10:00:00,p,u2,s\n")
+        return result
+
+    monkeypatch.setattr(ingest, "load_file", read_then_append)
+    index = LandingIndex(tmp_path / "index.json")
+    first = ingest.ingest_landing(source, index, discover(source, landing), [DAY1, DAY2])
+    assert len(events_of(first, DAY1)) == 1 and len(events_of(first, DAY2)) == 0
+    again = ingest.ingest_landing(source, index, discover(source, landing), [DAY2])
+    assert events_of(again, DAY2)["user"].tolist() == ["u2"]
+    assert index.entries[str(log.resolve())].days == ["2020-07-07", "2020-07-08"]
+
+
 def test_unreadable_file_outside_window_is_not_reported(tmp_path: Path, source: SourceConfig) -> None:
     landing = tmp_path / "landing"
     landing.mkdir()
