@@ -220,6 +220,14 @@ class SourceConfig(_Strict):
     def _consistent(self) -> SourceConfig:
         if 1440 % self.bucket_minutes:
             raise ValueError(f"bucket_minutes {self.bucket_minutes} must divide a day (1440 minutes)")
+        # a day's features see that day and the one before: a lag reaches back at most one day
+        if len(set(self.lags)) != len(self.lags) or not all(
+            1 <= lag <= self.buckets_per_day for lag in self.lags
+        ):
+            raise ValueError(
+                f"lags {self.lags} must be distinct bucket counts from 1 to {self.buckets_per_day} "
+                f"(one day of {self.bucket_minutes}-minute buckets)"
+            )
         raw = [column.name for column in self.columns]
         if self.timestamp.column in raw:
             raise ValueError(

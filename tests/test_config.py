@@ -183,6 +183,20 @@ def test_bucket_minutes_must_divide_a_day(tmp_path: Path) -> None:
     assert "must divide a day" in message
 
 
+@pytest.mark.parametrize("lags", [[0], [-1], [1, 1], [1, 145]])
+def test_lags_must_be_distinct_and_within_one_day(tmp_path: Path, lags: list[int]) -> None:
+    document = base_document()
+    document["lags"] = lags
+    _, message = config_error(tmp_path, document)
+    assert f"lags {lags} must be distinct bucket counts from 1 to 144" in message
+
+
+def test_a_lag_of_a_whole_day_is_allowed(tmp_path: Path) -> None:
+    document = base_document()
+    document["lags"] = [1, 144]
+    assert load_source(write_source(tmp_path, document)).lags == [1, 144]
+
+
 def test_timestamp_listed_as_column_is_rejected(tmp_path: Path) -> None:
     document = base_document()
     document["columns"].append({"name": "timestamp"})
