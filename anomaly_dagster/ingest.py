@@ -828,6 +828,54 @@ class LandingIndex:
             self._changed = False
 
 
+@dataclass(frozen=True)
+class LandingPlan:
+    """What the landing files ask of the pipeline: the days to (re)run as one range, if any, and the
+    landing sensor's next cursor (per file: size, mtime and the days already asked for)."""
+
+    first: date | None
+    last: date | None
+    cursor: dict[str, list]
+
+
+def plan_landing_runs(
+    source: SourceConfig, entries: list[LandingFile], cursor: dict[str, list], last_partition: date | None
+) -> LandingPlan:
+    """The days that new or changed landing files call for, as one range run in day order.
+
+    A file's day is asked for once it is a partition (a file of today waits for tomorrow's partition,
+    not forever). A changed file also asks again for the days it touched before: its events may have
+    moved or gone. The range goes on ``training_days`` past the last such day, up to the last
+    partition and the last day any file has, because the days after it read it (lags, then models
+    trained on it). One range rather than a run per day: the days run in order, so no model is trained
+    before the days it learns from. A deleted file asks for nothing (a retention job may empty the
+    landing folder); re-run its days to drop its events.
+    """
+
+    def existing(days: set[date]) -> set[date]:
+        return {
+            day for day in days if last_partition is not None and source.start_date <= day <= last_partition
+        }
+
+    wanted: set[date] = set()
+    held: set[date] = set()  # the days the files have, that are partitions
+    next_cursor: dict[str, list] = {}
+    for entry in entries:
+        size, mtime_ns, *asked = cursor.get(entry.path, [None, None])
+        done = {date.fromisoformat(day) for day in asked[0]} if asked else None
+        touched = existing(entry.touched_days)
+        if [size, mtime_ns] != [entry.size, entry.mtime_ns]:
+            wanted |= touched | existing(done or set())
+        elif done is not None:  # a cursor of an earlier version knows no days: all were asked for
+            wanted |= touched - done
+        held |= touched
+        next_cursor[entry.path] = [entry.size, entry.mtime_ns, sorted(day.isoformat() for day in touched)]
+    if not wanted:
+        return LandingPlan(None, None, next_cursor)
+    last = min(max(wanted) + timedelta(days=source.training_days), max(held | wanted))
+    return LandingPlan(min(wanted), last, next_cursor)
+
+
 def _index_file(
     connection: duckdb.DuckDBPyConnection, source: SourceConfig, path: Path, size: int, mtime_ns: int
 ) -> LandingFile:

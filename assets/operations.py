@@ -42,34 +42,36 @@ def daily_schedule(source: SourceConfig, job: dg.UnresolvedAssetJobDefinition) -
 def landing_sensor(
     source: SourceConfig, job: dg.UnresolvedAssetJobDefinition, landing_dir: str, warehouse_dir: str
 ) -> dg.SensorDefinition:
-    """Requests the partitions that new or changed landing files touch.
-
-    The cursor maps each file to the (size, mtime) last acted on; a run key per day and file state
-    makes a repeated evaluation idempotent.
-    """
+    """Runs the days that new or changed landing files call for (``ingest.plan_landing_runs``) as one
+    range; the run key is the range and the files' state, so a repeated evaluation is idempotent."""
     partitions = daily_partitions(source)
 
     @dg.sensor(name=f"{source.name}_landing", job=job, minimum_interval_seconds=60)
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        seen: dict[str, list[int]] = json.loads(context.cursor) if context.cursor else {}
         files = ingest.discover(source, Path(landing_dir))
         index = ingest.LandingIndex(
             Warehouse(Path(warehouse_dir)).asset_dir(source.name, "landing_index") / "index.json"
         )
-        entries = index.refresh(source, files)
-        changed = [entry for entry in entries if seen.get(entry.path) != [entry.size, entry.mtime_ns]]
         last = partitions.get_last_partition_key()
-        days: set[date] = set()
-        for entry in changed:
-            days |= entry.touched_days
-        state = json.dumps(sorted((e.path, e.size, e.mtime_ns) for e in changed))
-        version = hashlib.sha256(state.encode()).hexdigest()[:16]
-        requests = [
-            dg.RunRequest(partition_key=day.isoformat(), run_key=f"{day.isoformat()}:{version}")
-            for day in sorted(days)
-            if source.start_date <= day and last is not None and day.isoformat() <= last
-        ]
-        cursor = {entry.path: [entry.size, entry.mtime_ns] for entry in entries}
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
+        plan = ingest.plan_landing_runs(
+            source,
+            index.refresh(source, files),
+            json.loads(context.cursor) if context.cursor else {},
+            date.fromisoformat(last) if last is not None else None,
+        )
+        cursor = json.dumps(plan.cursor, sort_keys=True)
+        if plan.first is None or plan.last is None:
+            return dg.SensorResult(run_requests=[], cursor=cursor)
+        first, last_day = plan.first.isoformat(), plan.last.isoformat()
+        run_key = f"{first}..{last_day}:{hashlib.sha256(cursor.encode()).hexdigest()[:16]}"
+        if first == last_day:
+            request = dg.RunRequest(partition_key=first, run_key=run_key)
+        else:
+            tags = {
+                "dagster/asset_partition_range_start": first,
+                "dagster/asset_partition_range_end": last_day,
+            }
+            request = dg.RunRequest(run_key=run_key, tags=tags)
+        return dg.SensorResult(run_requests=[request], cursor=cursor)
 
     return _sensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -742,3 +742,58 @@ def test_ingest_window_skips_files_not_touching_days(tmp_path: Path, source: Sou
     assert window.files == {DAY1: [], DAY2: []}
     assert window.connection.execute("SELECT count(*) FROM events").fetchone()[0] == 0
     assert events_of(window, DAY1).empty
+
+
+# --- what the landing sensor asks for -----------------------------------------------------------------------
+
+
+def landing_file(name: str, days: list[date], size: int = 100) -> ingest.LandingFile:
+    return ingest.LandingFile(
+        f"/landing/{name}", size, 1, [day.isoformat() for day in days], days[0].isoformat()
+    )
+
+
+def test_a_new_file_runs_its_days_and_those_that_read_them_in_one_range(source: SourceConfig) -> None:
+    history = [landing_file(f"clicks_{offset}.csv", [DAY1 + timedelta(days=offset)]) for offset in range(12)]
+    first = ingest.plan_landing_runs(source, history, {}, DAY1 + timedelta(days=11))
+    assert (first.first, first.last) == (DAY1, DAY1 + timedelta(days=11))
+    late = landing_file("clicks_late.csv", [DAY2])
+    plan = ingest.plan_landing_runs(source, [*history, late], first.cursor, DAY1 + timedelta(days=11))
+    # day 2, then the training_days (7) after it whose lags and models read it
+    assert (plan.first, plan.last) == (DAY2, DAY2 + timedelta(days=7))
+    again = ingest.plan_landing_runs(source, [*history, late], plan.cursor, DAY1 + timedelta(days=11))
+    assert (again.first, again.last) == (None, None)
+
+
+def test_the_range_stops_at_the_last_day_with_data(source: SourceConfig) -> None:
+    plan = ingest.plan_landing_runs(source, [landing_file("clicks.csv", [DAY1, DAY2])], {}, date(2026, 1, 1))
+    assert (plan.first, plan.last) == (DAY1, DAY2)
+
+
+def test_a_day_that_is_not_a_partition_yet_runs_once_it_is(source: SourceConfig) -> None:
+    today = landing_file("clicks_today.csv", [DAY2, DAY3])
+    before = ingest.plan_landing_runs(source, [today], {}, DAY2)
+    assert (before.first, before.last) == (DAY2, DAY2)
+    after = ingest.plan_landing_runs(source, [today], before.cursor, DAY3)
+    assert (after.first, after.last) == (DAY3, DAY3)
+    assert ingest.plan_landing_runs(source, [today], after.cursor, DAY3).first is None
+
+
+def test_a_changed_file_runs_the_days_it_left_too(source: SourceConfig) -> None:
+    moved_from = ingest.plan_landing_runs(source, [landing_file("clicks.csv", [DAY1])], {}, DAY3)
+    rewritten = landing_file("clicks.csv", [DAY3], size=120)  # its events moved from day 1 to day 3
+    plan = ingest.plan_landing_runs(source, [rewritten], moved_from.cursor, DAY3)
+    assert (plan.first, plan.last) == (DAY1, DAY3)
+    assert plan.cursor["/landing/clicks.csv"] == [120, 1, ["2020-07-09"]]
+
+
+def test_a_deleted_file_or_an_older_cursor_asks_for_nothing(source: SourceConfig) -> None:
+    kept = landing_file("clicks_kept.csv", [DAY1])
+    cursor = {
+        "/landing/clicks_kept.csv": [100, 1, ["2020-07-07"]],
+        "/landing/clicks_gone.csv": [5, 1, ["2020-07-08"]],
+    }
+    plan = ingest.plan_landing_runs(source, [kept], cursor, DAY3)
+    assert plan.first is None and list(plan.cursor) == ["/landing/clicks_kept.csv"]
+    older = {"/landing/clicks_kept.csv": [100, 1]}  # a cursor without days: they were asked for
+    assert ingest.plan_landing_runs(source, [kept], older, DAY3).first is None

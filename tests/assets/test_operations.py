@@ -13,7 +13,7 @@ from anomaly_dagster.definitions import build_definitions
 from anomaly_dagster.generate import generate_clickstream
 
 
-def test_landing_sensor_requests_the_partitions_new_or_changed_files_touch(tmp_path):
+def test_landing_sensor_runs_the_days_new_or_changed_files_touch_as_one_range(tmp_path):
     landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
     generated = generate_clickstream(landing, days=3, start=date(2020, 7, 7), seed=3)
     defs = build_definitions(load_sources(), str(landing), str(warehouse))
@@ -21,9 +21,10 @@ def test_landing_sensor_requests_the_partitions_new_or_changed_files_touch(tmp_p
     instance = dg.DagsterInstance.ephemeral()
 
     first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
-    requested = sorted(request.partition_key for request in first.run_requests)
-    # files spill a few events past midnight, so the last file also touches the day after it
-    assert requested[:3] == ["2020-07-07", "2020-07-08", "2020-07-09"]
+    # one run over the days in order (a file also holds late events of the day before it)
+    (request,) = first.run_requests
+    assert request.partition_key_range == dg.PartitionKeyRange("2020-07-07", "2020-07-09")
+    assert request.run_key
 
     again = sensor.evaluate_tick(
         dg.build_sensor_context(cursor=first.cursor, instance=instance, definitions=defs)
@@ -38,8 +39,17 @@ def test_landing_sensor_requests_the_partitions_new_or_changed_files_touch(tmp_p
     third = sensor.evaluate_tick(
         dg.build_sensor_context(cursor=again.cursor, instance=instance, definitions=defs)
     )
-    assert {request.partition_key for request in third.run_requests} == {"2020-07-07"}
-    assert all(request.run_key for request in third.run_requests)
+    # the changed day, then the days that read it (lags, models), as far as there is data
+    (rerun,) = third.run_requests
+    assert rerun.partition_key_range == dg.PartitionKeyRange("2020-07-07", "2020-07-09")
+    assert rerun.run_key != request.run_key
+
+    result = defs.resolve_job_def("clickstream_pipeline").execute_in_process(
+        instance=instance, tags=rerun.tags
+    )
+    assert result.success
+    days = {event.partition for event in result.get_asset_materialization_events()}
+    assert days == {"2020-07-07", "2020-07-08", "2020-07-09"}
 
 
 def test_daily_schedule_targets_yesterday(tmp_path):
