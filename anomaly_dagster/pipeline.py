@@ -55,7 +55,7 @@ class AssetOutput:
     frames: dict[date, pd.DataFrame]
     written: list[WrittenPartition]
     plots: list[Path] = field(default_factory=list)
-    summary: dict[str, float | int | str] = field(default_factory=dict)
+    summary: dict[str, float | int | str] = field(default_factory=dict)  # figures of the whole run
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def run_ingest(context: StageContext, days: list[date]) -> list[AssetOutput]:
     window.connection.close()
     raw = AssetOutput("raw_events", counts, events_written)
     quarantine = _write(context, "quarantine", window.quarantine, [])
-    for output, name in ((raw, "events"), (quarantine, "rows")):
+    for output, name in ((raw, "events_in_run"), (quarantine, "rows_in_run")):
         output.summary[name] = sum(part.row_count for part in output.written)
     return _record(context, [raw, quarantine])
 
@@ -323,7 +323,9 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
         title += f", per {source.entity} as score / threshold"
     atomic_write_bytes(plot, plots.threshold_histogram(training_scores, thresholds, title))
     output = AssetOutput("model", frames, written, [plot])
-    output.summary["cold_start_days"] = sum(bool(frame["cold_start"].any()) for frame in frames.values())
+    output.summary["cold_start_days_in_run"] = sum(
+        bool(frame["cold_start"].any()) for frame in frames.values()
+    )
     return _record(context, [output])
 
 
@@ -479,8 +481,8 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
         _write(context, "anomalies", anomalies, [Upstream("scores"), Upstream("features")]),
         _write(context, "incidents", incidents, [Upstream("anomalies"), Upstream("raw_events")]),
     ]
-    outputs[0].summary["flagged_buckets"] = sum(len(frame) for frame in anomalies.values())
-    outputs[1].summary["incidents"] = sum(len(frame) for frame in incidents.values())
+    outputs[0].summary["flagged_buckets_in_run"] = sum(len(frame) for frame in anomalies.values())
+    outputs[1].summary["incidents_in_run"] = sum(len(frame) for frame in incidents.values())
     return _record(context, outputs)
 
 

@@ -66,13 +66,18 @@ def _png_markdown(path: Path) -> dg.MetadataValue:
 
 
 def _metadata(output: AssetOutput) -> dict[str, object]:
-    rows = sum(part.row_count for part in output.written)
+    """A run's metadata. Dagster puts a ranged run's metadata on every day of the range, so the
+    row count is only given for a one-day run; ``rows_per_day`` has every day's."""
+    rows = {part.day.isoformat(): part.row_count for part in output.written}
     metadata: dict[str, object] = {
-        "dagster/row_count": rows,
-        "rows_per_day": dg.MetadataValue.json({p.day.isoformat(): p.row_count for p in output.written}),
+        "rows_per_day": dg.MetadataValue.json(rows),
         "path": dg.MetadataValue.path(str(output.written[-1].path.parent.parent)) if output.written else "",
         **output.summary,
     }
+    if len(rows) == 1:
+        metadata["dagster/row_count"] = sum(rows.values())
+    else:
+        metadata["days_in_run"] = len(rows)
     if output.frames:
         last_day = max(output.frames)
         preview = output.frames[last_day].head(PREVIEW_ROWS)

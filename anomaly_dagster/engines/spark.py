@@ -836,7 +836,7 @@ def run_ingest_spark(context: StageContext, days: list[date], spark: SparkSessio
     raw = AssetOutput("raw_events", counts, [written[day] for day in days])
     frames = {day: ingest._concat_quarantine(rows) for day, rows in quarantine.items()}
     quarantined = _write(context, "quarantine", frames, [])
-    for output, name in ((raw, "events"), (quarantined, "rows")):
+    for output, name in ((raw, "events_in_run"), (quarantined, "rows_in_run")):
         output.summary[name] = sum(part.row_count for part in output.written)
         output.summary["engine"] = "spark"
     return _record(context, [raw, quarantined])

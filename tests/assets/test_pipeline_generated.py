@@ -58,6 +58,21 @@ def test_every_asset_materialized_for_every_day(materialized):
         assert sorted(event.partition for event in events) == [day.isoformat() for day in DAYS], asset
 
 
+def test_a_ranged_run_gives_rows_per_day_not_one_total_on_every_day(materialized):
+    """Dagster copies a ranged run's metadata onto each day: a total there would read as each day's."""
+    warehouse, result = materialized
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "raw_events"]
+    counts = warehouse.query(
+        "SELECT partition, row_count FROM meta.lineage WHERE asset = 'raw_events' ORDER BY partition"
+    )
+    for event in events:
+        metadata = event.materialization.metadata
+        assert "dagster/row_count" not in metadata
+        assert metadata["days_in_run"].value == len(DAYS)
+        assert metadata["rows_per_day"].value == dict(counts.itertuples(index=False))
+        assert metadata["events_in_run"].value == counts["row_count"].sum()
+
+
 def test_asset_checks_pass(materialized):
     _, result = materialized
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}

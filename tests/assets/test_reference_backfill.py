@@ -131,6 +131,9 @@ def test_rerunning_one_day_leaves_every_table_unchanged(backfilled):
         partition_key="2020-07-12", instance=dg.DagsterInstance.ephemeral()
     )
     assert result.success
+    (raw,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "raw_events"]
+    day_rows = before["lineage"].query("asset == 'raw_events' and partition == '2020-07-12'")["row_count"]
+    assert raw.materialization.metadata["dagster/row_count"].value == day_rows.item()  # a one-day run
     after = snapshot()
     for name, table in before.items():
         pd.testing.assert_frame_equal(table, after[name], obj=name)
