@@ -50,6 +50,18 @@ def complete_buckets(source: SourceConfig, frames: dict[date, pd.DataFrame]) -> 
     return CheckOutcome(True, f"{source.buckets_per_day} buckets on each of {len(frames)} day(s){per_entity}")
 
 
+def events_present(source: SourceConfig, events: dict[date, int]) -> CheckOutcome:
+    """Every day has at least ``checks.min_events_per_day`` events: a day without input is missing
+    data (files not landed yet, a wrong landing folder), which would otherwise resample to an outage
+    of all-zero buckets and be learnt by the next models."""
+    least = source.checks.min_events_per_day
+    per_day = {day.isoformat(): count for day, count in sorted(events.items())}
+    short = sorted(day for day, count in per_day.items() if count < least)
+    if short:
+        return CheckOutcome(False, f"fewer than {least} event(s) on {short}: missing input?", per_day)
+    return CheckOutcome(True, f"at least {least} event(s) on each of {len(per_day)} day(s)", per_day)
+
+
 def quarantine_rate(
     source: SourceConfig, events: dict[date, int], quarantined: dict[date, pd.DataFrame]
 ) -> CheckOutcome:

@@ -33,6 +33,7 @@ PREVIEW_ROWS = 8
 ENGINE_STAGES = ("ingest", "resample")
 CHECKS: dict[str, tuple[str, str]] = {
     # asset: (check name, description)
+    "raw_events": ("events_present", "Every day has at least checks.min_events_per_day events."),
     "resampled": ("complete_buckets", "Every day has its full bucket grid: no gaps, no duplicates."),
     "quarantine": ("quarantine_rate", "Quarantined rows per day stay under checks.max_quarantine_rate."),
     "anomalies": ("alert_rate", "Flagged buckets per day stay within the configured alert-rate bounds."),
@@ -93,7 +94,10 @@ def _check_results(source: SourceConfig, outputs: dict[str, AssetOutput]) -> Ite
     for asset, output in outputs.items():
         if asset not in CHECKS:
             continue
-        if asset == "resampled":
+        if asset == "raw_events":
+            outcome = checks.events_present(source, {part.day: part.row_count for part in output.written})
+            severity = dg.AssetCheckSeverity.ERROR
+        elif asset == "resampled":
             outcome = checks.complete_buckets(source, output.frames)
             severity = dg.AssetCheckSeverity.ERROR
         elif asset == "quarantine":

@@ -36,7 +36,13 @@ def test_code_location_defines_the_clickstream_chain():
         dg.AssetKey(["clickstream", "resampled"])
     }
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
-    assert checks == {"complete_buckets", "quarantine_rate", "alert_rate", "stream_vs_batch"}
+    assert checks == {
+        "events_present",
+        "complete_buckets",
+        "quarantine_rate",
+        "alert_rate",
+        "stream_vs_batch",
+    }
     assert defs.resolve_job_def("clickstream_pipeline")
     assert defs.resolve_schedule_def("clickstream_daily").cron_schedule == "30 0 * * *"
     assert defs.resolve_sensor_def("clickstream_landing")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from anomaly_dagster import checks
 from anomaly_dagster.config import load_sources
 from anomaly_dagster.definitions import build_definitions
 from anomaly_dagster.warehouse import Warehouse
@@ -76,9 +77,36 @@ def test_a_ranged_run_gives_rows_per_day_not_one_total_on_every_day(materialized
 def test_asset_checks_pass(materialized):
     _, result = materialized
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"complete_buckets", "quarantine_rate", "alert_rate", "stream_vs_batch"}
+    assert set(evaluations) == {
+        "events_present",
+        "complete_buckets",
+        "quarantine_rate",
+        "alert_rate",
+        "stream_vs_batch",
+    }
+    assert evaluations["events_present"].passed
     assert evaluations["complete_buckets"].passed
     assert evaluations["quarantine_rate"].passed
+
+
+def test_a_day_without_input_fails_its_events_check(generated_logs, tmp_path):
+    """No file touches 2020-07-14: the day would resample to an all-zero outage; the check says why."""
+    defs = build_definitions(load_sources(), str(generated_logs.files[0].parent), str(tmp_path / "warehouse"))
+    result = defs.resolve_job_def("clickstream_pipeline").execute_in_process(
+        partition_key="2020-07-14", instance=dg.DagsterInstance.ephemeral()
+    )
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    missing = evaluations["events_present"]
+    assert not missing.passed and missing.severity == dg.AssetCheckSeverity.ERROR
+    assert missing.description == "fewer than 1 event(s) on ['2020-07-14']: missing input?"
+    assert evaluations["complete_buckets"].passed  # the grid alone cannot tell
+
+
+def test_the_events_check_can_be_off_for_a_log_that_may_be_silent_all_day():
+    source = load_sources()["clickstream"]
+    silent = source.model_copy(update={"checks": source.checks.model_copy(update={"min_events_per_day": 0})})
+    assert checks.events_present(silent, {date(2020, 7, 14): 0}).passed
+    assert not checks.events_present(source, {date(2020, 7, 14): 0, date(2020, 7, 15): 5}).passed
 
 
 def test_raw_events_and_resampled_match_the_files(materialized, generated_logs):
