@@ -2,7 +2,9 @@
 
 Labels come in two shapes: the reference format (one line of 0/1 per bucket, aligned with the
 source's buckets from a start day) and a CSV of labelled ranges ``start,end[,kind]`` with
-inclusive bucket starts, which is what the sample generator writes.
+inclusive bucket starts, which is what the sample generator writes. A range bound inside a bucket
+labels that bucket; a bound with an offset or zone is converted to UTC; a range that ends before it
+starts, or a bound that is not a time, is an error naming the line.
 """
 
 from __future__ import annotations
@@ -28,11 +30,28 @@ def load_labels(path: Path, bucket_minutes: int, first_day: date | None = None) 
         flags = np.array([int(value) for value in first_line.split(",")], dtype=bool)
         index = pd.date_range(pd.Timestamp(first_day), periods=len(flags), freq=step)
         return pd.Series(flags, index=index, name="label")
-    ranges = pd.read_csv(path, parse_dates=["start", "end"])
-    starts = [
-        bucket for row in ranges.itertuples() for bucket in pd.date_range(row.start, row.end, freq=step)
-    ]
+    ranges = pd.read_csv(path, dtype=str, keep_default_na=False)
+    starts = []
+    for line, row in enumerate(ranges.itertuples(), start=2):
+        first, last = (_label_time(path, line, getattr(row, column), step) for column in ("start", "end"))
+        if last < first:
+            raise ValueError(f"{path} line {line}: the range ends ({row.end}) before it starts ({row.start})")
+        starts.extend(pd.date_range(first, last, freq=step))
     return pd.Series(True, index=pd.DatetimeIndex(sorted(set(starts))), name="label")
+
+
+def _label_time(path: Path, line: int, text: str, step: pd.Timedelta) -> pd.Timestamp:
+    """A range bound as the start of the bucket holding it, in UTC like the buckets (a time with an
+    offset or zone is converted; a naive one is UTC)."""
+    try:
+        stamp = pd.Timestamp(text.strip())
+    except ValueError:
+        stamp = pd.NaT
+    if pd.isna(stamp):
+        raise ValueError(f"{path} line {line}: {text!r} is not a time")
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return stamp.floor(step)
 
 
 def labels_file(source: SourceConfig, landing_dir: Path) -> Path | None:

@@ -67,6 +67,40 @@ def test_ranges_csv_expands_to_inclusive_buckets(tmp_path: Path) -> None:
     assert labels.name == "label"
 
 
+def test_range_bounds_inside_a_bucket_or_with_a_zone_label_the_bucket_holding_them(tmp_path: Path) -> None:
+    path = tmp_path / "incidents.csv"
+    path.write_text(
+        "start,end,kind\n"
+        "2020-07-07 10:05:00,2020-07-07 10:25:30,program_error\n"  # inside buckets 10:00 and 10:20
+        "2020-07-07T14:00:00+02:00,2020-07-07T12:10:00Z,outage\n"  # 12:00 and 12:10 UTC
+    )
+    labels = load_labels(path, bucket_minutes=10)
+    expected = [
+        *pd.date_range("2020-07-07 10:00", periods=3, freq="10min"),
+        *pd.date_range("2020-07-07 12:00", periods=2, freq="10min"),
+    ]
+    assert list(labels.index) == expected
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        (
+            "2020-07-07 11:00:00,2020-07-07 10:00:00,x",
+            r"line 3: the range ends \(2020-07-07 10:00:00\) before it starts",
+        ),
+        ("2020-07-07 10:00:00,soon,x", "line 3: 'soon' is not a time"),
+    ],
+)
+def test_a_range_that_labels_nothing_is_an_error_naming_its_line(
+    tmp_path: Path, row: str, problem: str
+) -> None:
+    path = tmp_path / "incidents.csv"
+    path.write_text(f"start,end,kind\n2020-07-07 09:00:00,2020-07-07 09:00:00,x\n{row}\n")
+    with pytest.raises(ValueError, match=problem):
+        load_labels(path, bucket_minutes=10)
+
+
 def test_ranges_csv_without_kind_column(tmp_path: Path) -> None:
     path = tmp_path / "incidents.csv"
     path.write_text("start,end\n2020-07-09 00:00:00,2020-07-09 00:20:00\n")
