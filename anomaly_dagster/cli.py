@@ -42,7 +42,10 @@ def _report(args: argparse.Namespace) -> int:
         print(f"no catalog at {warehouse.catalog_path}: materialize the pipeline first", file=sys.stderr)
         return 1
     name = source.name
-    incidents = warehouse.query(f'SELECT * EXCLUDE (date) FROM "{name}".incidents ORDER BY start')
+    incidents = warehouse.query(f'SELECT * EXCLUDE (date) FROM "{name}".incidents ORDER BY start, "end"')
+    # an incident over midnight is in both days' tables: the later row (continued) is the whole of it
+    keys = ["start", *([source.entity] if source.entity is not None else [])]
+    incidents = incidents.drop_duplicates(keys, keep="last").reset_index(drop=True)
     buckets = warehouse.query(f'SELECT count(*) AS n FROM "{name}".resampled')["n"].iloc[0]
     print(f"{name}: {buckets} buckets, {len(incidents)} incidents")
     # one line per incident; the JSON columns (observed, expected, sample log lines) stay in the table

@@ -433,18 +433,19 @@ SAMPLE_EVENTS = 5
 
 
 def _peak_samples(
-    warehouse: Warehouse, source: SourceConfig, day: date, incidents: pd.DataFrame, bucket: pd.Timedelta
+    warehouse: Warehouse, source: SourceConfig, incidents: pd.DataFrame, bucket: pd.Timedelta
 ) -> list[str | None]:
     """A few raw events of each peak bucket (of its entity), with file and line, so a person can
     look at the logs."""
-    path = warehouse.partition_file(source.name, "raw_events", day)
-    if not path.exists() or incidents.empty:
-        return [None] * len(incidents)
     same_entity = "" if source.entity is None else f"AND {entities.entity_sql(source)} = ? "
-    samples = []
+    samples: list[str | None] = []
     with warehouse.reading(), duckdb.connect() as connection:
         for _, incident in incidents.iterrows():
             peak = incident["peak_bucket"]
+            path = warehouse.partition_file(source.name, "raw_events", peak.date())
+            if not path.exists():
+                samples.append(None)
+                continue
             rows = connection.execute(
                 f"SELECT * FROM read_parquet({quote_literal(str(path))}) WHERE timestamp >= ? AND timestamp < ? "
                 f"{same_entity}ORDER BY timestamp, source_file, line LIMIT {SAMPLE_EVENTS}",
@@ -453,6 +454,19 @@ def _peak_samples(
             ).df()
             samples.append(rows.to_json(orient="records", date_format="iso"))
     return samples
+
+
+def _flagged_day_before(
+    warehouse: Warehouse, source: SourceConfig, day: date, anomalies: dict[date, pd.DataFrame]
+) -> pd.DataFrame | None:
+    """The day before's flagged buckets (from this run, else the warehouse), where an incident that
+    runs on over midnight starts."""
+    before = day - timedelta(days=1)
+    if before in anomalies:
+        return anomalies[before]
+    if warehouse.partition_file(source.name, "anomalies", before).exists():
+        return warehouse.read_partitions(source.name, "anomalies", [before])
+    return None
 
 
 def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
@@ -469,17 +483,25 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
                 rows, features[entity], source.series_columns
             ),
         )
+        # an incident running on over midnight is merged with the day before's flags: the day's row has
+        # its true start, duration and peak, and says it continues the one reported the day before
+        before = _flagged_day_before(warehouse, source, day, anomalies)
+        flagged = anomalies[day] if before is None or before.empty else pd.concat([before, anomalies[day]])
         found = entities.per_entity(  # incidents never span two entities
             source,
-            anomalies[day],
+            flagged.reset_index(drop=True),
             lambda _, rows: merge_incidents(rows, bucket, source.incident_gap_buckets, source.series_columns),
             sorted(features) if source.entity is not None else None,
         )
-        found["sample_events"] = _peak_samples(warehouse, source, day, found, bucket)
+        if "end" in found:  # (a day without any entity has no incident columns)
+            found = found[found["end"] >= pd.Timestamp(day)].reset_index(drop=True)
+        found["continued"] = found["start"] < pd.Timestamp(day) if "start" in found else pd.Series(dtype=bool)
+        found["sample_events"] = _peak_samples(warehouse, source, found, bucket)
         incidents[day] = found
+    incidents_reads = [Upstream("anomalies", -1, 0), Upstream("raw_events", -1, 0)]
     outputs = [
         _write(context, "anomalies", anomalies, [Upstream("scores"), Upstream("features")]),
-        _write(context, "incidents", incidents, [Upstream("anomalies"), Upstream("raw_events")]),
+        _write(context, "incidents", incidents, incidents_reads),
     ]
     outputs[0].summary["flagged_buckets_in_run"] = sum(len(frame) for frame in anomalies.values())
     outputs[1].summary["incidents_in_run"] = sum(len(frame) for frame in incidents.values())
@@ -590,7 +612,8 @@ ASSET_DESCRIPTIONS = {
     "model": "Detectors trained walk-forward on the days before, with calibrated thresholds.",
     "scores": "Per bucket and detector: score, threshold, flag, attribution, expected value.",
     "anomalies": "One row per flagged bucket with the detectors that fired.",
-    "incidents": "Consecutive flagged buckets merged: start, end, peak, top feature and direction.",
+    "incidents": "Consecutive flagged buckets merged: start, end, peak, top feature and direction; one "
+    "running on from the day before starts there and is marked continued.",
     "evaluation": "Each detector and the ensemble against the labels: precision, recall, F1, incidents.",
 }
 

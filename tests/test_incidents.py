@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+from datetime import date
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from anomaly_dagster.cli import main
+from anomaly_dagster.config import SourceConfig, load_sources
 from anomaly_dagster.incidents import INCIDENT_COLUMNS, merge_incidents
+from anomaly_dagster.pipeline import StageContext, run_detect
+from anomaly_dagster.warehouse import RunInfo, Warehouse
 
 BUCKET = pd.Timedelta(minutes=10)
 T0 = pd.Timestamp("2020-07-07 00:00:00")
@@ -136,3 +143,72 @@ def test_duration_observed_and_expected_at_the_peak() -> None:
     assert incident["duration_minutes"] == 30
     assert json.loads(incident["observed"]) == {"users": 40.0, "clicks": 210.0}  # the peak is bucket 4
     assert json.loads(incident["expected"]) == {"users": 140}
+
+
+# --- an incident over midnight: run_detect on a real warehouse ------------------------------------------
+
+
+def write_scored_day(
+    warehouse: Warehouse, source: SourceConfig, day: date, flagged: set[pd.Timestamp]
+) -> None:
+    """A day's features and ensemble scores with ``flagged`` buckets anomalous."""
+    buckets = pd.date_range(pd.Timestamp(day), periods=source.buckets_per_day, freq=BUCKET)
+    on = np.array([bucket in flagged for bucket in buckets])
+    features = pd.DataFrame(
+        {"bucket_start": buckets, **{name: np.ones(len(buckets)) for name in source.series_columns}}
+    )
+    scores = pd.DataFrame(
+        {
+            "bucket_start": buckets,
+            "detector": "ensemble",
+            "score": np.where(on, 5.0, 0.1),
+            "is_anomaly": on,
+            "detectors": np.where(on, "rcf,zscore", ""),
+            "top_feature": "users",
+            "direction": "LOW",
+            "expected": None,
+        }
+    )
+    written = [
+        warehouse.write_partition(source.name, asset, day, frame)
+        for asset, frame in (("resampled", features), ("features", features), ("scores", scores))
+    ]
+    warehouse.record(written, RunInfo("setup", "v"))
+
+
+@pytest.mark.parametrize(
+    "runs", [[[date(2020, 7, 8), date(2020, 7, 9)]], [[date(2020, 7, 8)], [date(2020, 7, 9)]]]
+)
+def test_an_incident_over_midnight_continues_on_the_next_day_with_its_true_start(
+    tmp_path: Path, runs: list[list[date]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One run over both days, or a run per day (the day before then comes from the warehouse)."""
+    source = load_sources()["clickstream"]
+    warehouse = Warehouse(tmp_path / "warehouse")
+    night = set(pd.date_range("2020-07-08 23:40", periods=4, freq=BUCKET))  # 23:40 .. 00:10
+    for day in (date(2020, 7, 8), date(2020, 7, 9)):
+        write_scored_day(warehouse, source, day, night)
+    context = StageContext(source, warehouse, tmp_path / "landing", RunInfo("run", "v"))
+    for days in runs:
+        run_detect(context, days)
+    first, second = (
+        warehouse.read_partitions(source.name, "incidents", [day])
+        for day in (date(2020, 7, 8), date(2020, 7, 9))
+    )
+    assert first[["start", "end", "buckets", "continued"]].values.tolist() == [
+        [pd.Timestamp("2020-07-08 23:40"), pd.Timestamp("2020-07-08 23:50"), 2, False]
+    ]
+    assert second[["start", "end", "buckets", "duration_minutes", "continued"]].values.tolist() == [
+        [pd.Timestamp("2020-07-08 23:40"), pd.Timestamp("2020-07-09 00:10"), 4, 40, True]
+    ]
+    lineage = warehouse.query(
+        "SELECT upstream FROM meta.lineage WHERE asset = 'incidents' AND partition = '2020-07-09'"
+    )
+    assert {(entry["asset"], entry["partition"]) for entry in json.loads(lineage["upstream"].item())} >= {
+        ("anomalies", "2020-07-08"),
+        ("anomalies", "2020-07-09"),
+    }
+    assert main(["report", "clickstream", "--warehouse", str(warehouse.root)]) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert report[0] == "clickstream: 288 buckets, 1 incidents"  # the whole incident, once
+    assert "2020-07-08 23:40:00 2020-07-09 00:10:00" in report[2]
