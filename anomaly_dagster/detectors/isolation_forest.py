@@ -61,11 +61,14 @@ class IsolationForestDetector(Detector):
         return self
 
     def _walk(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Mean path length per row, and the (n, d) signed credit of each feature."""
+        """Mean path length per row, and the (n, d) signed credit of each feature. A row with a missing
+        value has NaN length and no credit: a NaN would go left at every split, as if it were -inf."""
         if not self.trees:
             raise RuntimeError("fit the detector before scoring")
         # scikit-learn compares float32 inputs against its thresholds; do the same to match it exactly
         values = self.matrix(frame).astype(np.float32).astype(np.float64)
+        finite = np.isfinite(values).all(axis=1)
+        values[~finite] = 0.0  # walked, then discarded
         left, right, feature, threshold = (self.trees[k] for k in ("left", "right", "feature", "threshold"))
         sizes = self.trees["node_samples"]
         n_rows, n_trees = len(values), len(self.trees["roots"])
@@ -91,14 +94,14 @@ class IsolationForestDetector(Detector):
             total_length += length
             shortfall = np.maximum(expected_length - length, 0.0)
             np.add.at(credit, (rows, last_feature), last_sign * shortfall)
-        return total_length / n_trees, credit / n_trees
+        return np.where(finite, total_length / n_trees, np.nan), credit / n_trees * finite[:, None]
 
     def score(self, frame: pd.DataFrame) -> np.ndarray:
+        """sklearn's ``-score_samples``; a row with a missing value scores 0 (nothing to compare)."""
         mean_length, _ = self._walk(frame)
         expected_length = average_path_length(np.array([self.samples_per_tree]))[0]
-        if expected_length == 0:
-            return np.ones(len(frame))
-        return 2.0 ** (-mean_length / expected_length)
+        scores = np.ones(len(frame)) if expected_length == 0 else 2.0 ** (-mean_length / expected_length)
+        return np.where(np.isnan(mean_length), 0.0, scores)
 
     def explain(self, frame: pd.DataFrame) -> np.ndarray:
         return self._walk(frame)[1]

@@ -259,6 +259,17 @@ def test_isolation_forest_uses_only_its_features_in_order() -> None:
     assert np.allclose(detector.score(frame), -reference.score_samples(frame[["a", "b"]].to_numpy()))
 
 
+def test_isolation_forest_scores_a_row_with_a_missing_value_0_like_rcf(contaminated, scored) -> None:
+    """A NaN would go left at every split, as if it were -inf: a fabricated LOW outlier."""
+    detector = IsolationForestDetector(FEATURES, max_samples=1024, random_state=0).fit(contaminated)
+    probe = scored.head(20).copy()
+    probe.loc[[3, 7], FEATURES[0]] = [np.nan, np.inf]
+    scores, explained = detector.score(probe), detector.explain(probe)
+    assert scores[[3, 7]].tolist() == [0.0, 0.0] and not explained[[3, 7]].any()
+    others = [row for row in range(20) if row not in (3, 7)]
+    assert np.array_equal(scores[others], detector.score(scored.head(20))[others])
+
+
 def test_isolation_forest_needs_two_finite_rows() -> None:
     frame = pd.DataFrame({"x": [1.0, np.nan, np.inf]})
     with pytest.raises(ValueError, match="two finite rows"):
