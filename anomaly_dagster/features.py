@@ -19,11 +19,16 @@ def day_buckets(source: SourceConfig, day: date) -> pd.DatetimeIndex:
 
 
 def add_derived(source: SourceConfig, frame: pd.DataFrame) -> pd.DataFrame:
-    """Append the source's derived columns (e.g. ``residual = clicks - users``) in declaration order."""
+    """Append the source's derived columns (e.g. ``residual = clicks - users``) in declaration order.
+
+    A value that is not a number (a division by zero: ``clicks / users`` in a bucket without users)
+    is missing, like an empty bucket's mean: detectors skip it, where an infinity would have made
+    every threshold fitted on it infinite."""
     result = frame.copy()
     for derived in source.derived:
         columns = {name: result[name].astype(np.float64) for name in result.columns}
-        result[derived.name] = evaluate_expression(derived.expression, columns)
+        values = np.asarray(evaluate_expression(derived.expression, columns), dtype=np.float64)
+        result[derived.name] = np.where(np.isfinite(values), values, np.nan)
     return result
 
 

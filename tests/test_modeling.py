@@ -8,8 +8,10 @@ from datetime import date, timedelta
 import numpy as np
 import pandas as pd
 
-from anomaly_dagster.config import EnsembleConfig, load_sources
+from anomaly_dagster.calibration import calibrate
+from anomaly_dagster.config import DerivedConfig, EnsembleConfig, ThresholdConfig, load_sources
 from anomaly_dagster.detectors.zscore import RobustZScoreDetector
+from anomaly_dagster.features import add_derived
 from anomaly_dagster.modeling import anomalies_from_scores, score, training_window
 
 SOURCE = load_sources()["clickstream"]
@@ -79,3 +81,17 @@ def test_min_votes_requires_agreement():
     ensemble = scored[(scored["detector"] == "ensemble") & scored["is_anomaly"]]
     assert ensemble["bucket_start"].tolist() == [features.loc[50, "bucket_start"]]
     assert ensemble["detectors"].iloc[0] == "rcf,zscore"
+
+
+def test_a_derived_division_by_zero_is_missing_so_thresholds_stay_finite():
+    """clicks / users in a bucket without users: an infinity would make every threshold fitted on it inf."""
+    source = SOURCE.model_copy(
+        update={"derived": [DerivedConfig(name="per_user", expression="clicks / users")]}
+    )
+    frame = _features()
+    frame.loc[5, "users"] = 0.0
+    derived = add_derived(source, frame.set_index("bucket_start")).reset_index()
+    assert np.isnan(derived.loc[5, "per_user"]) and np.isfinite(derived["per_user"].drop(index=5)).all()
+    detector = RobustZScoreDetector(["per_user"]).fit(derived)
+    threshold = calibrate(detector.score(derived), ThresholdConfig(method="sigma", k=3))
+    assert np.isfinite(threshold.value)
