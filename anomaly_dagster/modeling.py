@@ -70,11 +70,13 @@ def train(
 ) -> TrainedModel:
     """Fit every configured detector on ``features`` and calibrate its threshold on the same rows.
 
-    ``labels`` (labelled bucket starts) are used only by the ``best_f1`` threshold, and only those
-    inside the training window: the scored day's labels never reach its model.
+    ``labels`` (labelled bucket starts) are used only by the ``best_f1`` threshold and ``spark_rf``,
+    and only those inside the training window: the scored day's labels never reach its model. A
+    cold start trains on the scored day itself, so it gets no labels (``best_f1`` falls back to
+    sigma, ``spark_rf`` stays untrained).
     """
     training_labels = None
-    if labels is not None:
+    if labels is not None and not cold_start:
         index = pd.DatetimeIndex(features["bucket_start"])
         training_labels = labels.reindex(index, fill_value=False).to_numpy(dtype=bool)
     if features.empty:

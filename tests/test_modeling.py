@@ -12,7 +12,7 @@ from anomaly_dagster.calibration import calibrate
 from anomaly_dagster.config import DerivedConfig, EnsembleConfig, ThresholdConfig, load_sources
 from anomaly_dagster.detectors.zscore import RobustZScoreDetector
 from anomaly_dagster.features import add_derived
-from anomaly_dagster.modeling import anomalies_from_scores, score, training_window
+from anomaly_dagster.modeling import anomalies_from_scores, score, train, training_window
 
 SOURCE = load_sources()["clickstream"]
 DAY = date(2020, 7, 10)
@@ -95,3 +95,17 @@ def test_a_derived_division_by_zero_is_missing_so_thresholds_stay_finite():
     detector = RobustZScoreDetector(["per_user"]).fit(derived)
     threshold = calibrate(detector.score(derived), ThresholdConfig(method="sigma", k=3))
     assert np.isfinite(threshold.value)
+
+
+def test_a_cold_start_never_tunes_its_threshold_on_the_scored_days_labels():
+    """A cold start trains on the scored day itself: with its labels, best_f1 would grade its own exam."""
+    zscore = next(config for config in SOURCE.detectors if config.name == "zscore")
+    tuned = zscore.model_copy(update={"threshold": ThresholdConfig(method="best_f1", k=3)})
+    source = SOURCE.model_copy(update={"detectors": [tuned]})
+    features = _features().assign(clicks_per_user=1.5)
+    features.loc[50, "users"] = 20.0
+    labels = pd.Series(True, index=pd.DatetimeIndex([features.loc[50, "bucket_start"]]))
+    cold = train(source, features, [DAY], True, labels).thresholds["zscore"]
+    assert cold == train(source, features, [DAY], True, None).thresholds["zscore"]
+    warm = train(source, features, [DAY - timedelta(days=1)], False, labels).thresholds["zscore"]
+    assert warm != cold and warm.params != cold.params
