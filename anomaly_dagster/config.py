@@ -263,6 +263,16 @@ class SourceConfig(_Strict):
                 )
         names = [detector.name for detector in self.detectors]
         _unique(names, "detector")
+        learners = [
+            d.name
+            for d in self.detectors
+            if (d.threshold or self.threshold).method == "best_f1" or d.kind == "spark_rf"
+        ]
+        if self.entity is not None and learners:
+            raise ValueError(
+                f"detector(s) {learners} learn from labels, which name buckets, not {self.entity} values: "
+                "each series would learn the others' faults; use another threshold method or detector"
+            )
         voters = self.ensemble_detectors
         if sorted(set(voters) - set(names)):
             raise ValueError(

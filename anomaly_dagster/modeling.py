@@ -49,8 +49,11 @@ def training_window(source: SourceConfig, day: date, available: list[date]) -> t
 
 def needs_labels(source: SourceConfig) -> bool:
     """Whether training reads the labels: for best-F1 thresholds, or a supervised detector."""
-    supervised = any(getattr(detector_class(d.kind), "supervised", False) for d in source.detectors)
-    return source.threshold.method == "best_f1" or supervised
+    return any(
+        getattr(detector_class(d.kind), "supervised", False)
+        or (d.threshold or source.threshold).method == "best_f1"
+        for d in source.detectors
+    )
 
 
 def make_detector(source: SourceConfig, name: str) -> Detector:

@@ -197,6 +197,29 @@ def test_a_lag_of_a_whole_day_is_allowed(tmp_path: Path) -> None:
     assert load_source(write_source(tmp_path, document)).lags == [1, 144]
 
 
+@pytest.mark.parametrize(
+    "detector",
+    [
+        {
+            "name": "tuned",
+            "kind": "robust_zscore",
+            "features": ["temperature_mean"],
+            "threshold": {"method": "best_f1"},
+        },
+        {"name": "forest", "kind": "spark_rf", "features": ["temperature_mean"]},
+    ],
+)
+def test_an_entity_source_refuses_detectors_that_learn_from_labels(tmp_path: Path, detector: dict) -> None:
+    """Labels name buckets, not sensors: each sensor's model would learn the others' faults."""
+    document = yaml.safe_load((PACKAGE_SOURCES_DIR / "sensors.yaml").read_text())
+    document["detectors"].append(detector)
+    _, message = config_error(tmp_path, document)
+    assert (
+        f"detector(s) ['{detector['name']}'] learn from labels, which name buckets, not sensor_id values"
+        in message
+    )
+
+
 def test_timestamp_listed_as_column_is_rejected(tmp_path: Path) -> None:
     document = base_document()
     document["columns"].append({"name": "timestamp"})

@@ -12,7 +12,7 @@ from anomaly_dagster.calibration import calibrate
 from anomaly_dagster.config import DerivedConfig, EnsembleConfig, ThresholdConfig, load_sources
 from anomaly_dagster.detectors.zscore import RobustZScoreDetector
 from anomaly_dagster.features import add_derived
-from anomaly_dagster.modeling import anomalies_from_scores, score, train, training_window
+from anomaly_dagster.modeling import anomalies_from_scores, needs_labels, score, train, training_window
 
 SOURCE = load_sources()["clickstream"]
 DAY = date(2020, 7, 10)
@@ -109,3 +109,10 @@ def test_a_cold_start_never_tunes_its_threshold_on_the_scored_days_labels():
     assert cold == train(source, features, [DAY], True, None).thresholds["zscore"]
     warm = train(source, features, [DAY - timedelta(days=1)], False, labels).thresholds["zscore"]
     assert warm != cold and warm.params != cold.params
+
+
+def test_a_detectors_own_best_f1_threshold_makes_training_read_the_labels():
+    zscore = next(config for config in SOURCE.detectors if config.name == "zscore")
+    tuned = zscore.model_copy(update={"threshold": ThresholdConfig(method="best_f1", k=3)})
+    assert not needs_labels(SOURCE)
+    assert needs_labels(SOURCE.model_copy(update={"detectors": [*SOURCE.detectors[:1], tuned]}))
