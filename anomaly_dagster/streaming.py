@@ -364,6 +364,7 @@ class EventParser:
                 read_options=pa_json.ReadOptions(use_threads=False, block_size=max(data.size, 1 << 16)),
                 parse_options=self._json_options,
             )
+            table.validate(full=True)  # pyarrow's reader lets bytes that are not UTF-8 through
         except (pa.ArrowException, ValueError):
             return None
         return table if table.num_rows == rows else None

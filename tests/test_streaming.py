@@ -192,6 +192,29 @@ def test_json_lines_parse_as_batch_ingestion_does(tmp_path, timezone):
     assert {line: bad[line] for line in reasons} == reasons  # the same words, from the same SQL
 
 
+@pytest.mark.parametrize("field", ["timestamp", "page"])
+def test_a_json_line_that_is_not_utf8_among_clean_ones_is_quarantined_not_fatal(tmp_path, field):
+    """pyarrow's JSON reader lets the bytes through; they used to crash every restart on the same line."""
+    good = [
+        f'{{"timestamp": "2020-07-15 10:00:{second:02d}", "page": "p", "user": "u{second}"}}'
+        for second in range(6)
+    ]
+    bad = {"timestamp": b'{"timestamp": "2020-07-15 10:\xff00:09", "page": "p", "user": "u"}'}
+    bad["page"] = b'{"timestamp": "2020-07-15 10:00:09", "page": "p\xff", "user": "u"}'
+    data = (
+        b"\n".join([*(line.encode() for line in good[:3]), bad[field], *(line.encode() for line in good[3:])])
+        + b"\n"
+    )
+    path = tmp_path / "clicks.jsonl"
+    path.write_bytes(data)
+    batch_events, batch_bad = _batch(SOURCE, path)
+    parser = EventParser(SOURCE, "test", "auto")
+    parsed = parser.parse(data)
+    assert [(index + 1, reason.split(":")[0]) for index, reason, _ in parsed.bad] == [(4, "not UTF-8")]
+    assert len(parsed.ts) == 6 == len(batch_events) and batch_bad == {4}
+    assert len(parser.parse(good[0].encode() + b"\n").ts) == 1  # and the stream goes on
+
+
 def test_csv_lines_parse_as_batch_ingestion_does(tmp_path):
     rows = [
         "timestamp,page,user,session_id",
