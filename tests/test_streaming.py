@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
@@ -686,3 +687,31 @@ def test_an_entity_source_is_refused_rather_than_merged(tmp_path, caplog):
     assert cli.main(args) == 2
     assert "entity column (sensor_id)" in caplog.text
     assert not (tmp_path / "wh").exists()  # nothing scored, nothing written
+
+
+def _read_all(transport: FileTransport) -> bytes:
+    chunks = []
+    while (chunk := transport.read(0.0)) is not None:
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_last_line_still_being_written_is_held_back_until_it_is_whole(tmp_path, caplog):
+    """The producer is writing line 2 when the stream reaches the end: the next run reads it whole."""
+    path = tmp_path / "clicks.csv"
+    path.write_bytes(b"timestamp,page,user,session_id\n2020-07-15 10:00:00,p,u1,s\n2020-07-15 10:01:00,p,u")
+    first = FileTransport(path)
+    with caplog.at_level(logging.WARNING, logger="anomaly_dagster.streaming"):
+        assert _read_all(first) == b"timestamp,page,user,session_id\n2020-07-15 10:00:00,p,u1,s\n"
+    assert "the last line has no line end yet (23 bytes): held back" in caplog.text
+    with path.open("ab") as handle:
+        handle.write(b"2,s\n")
+    resumed = FileTransport(path)
+    resumed.seek(first.position())
+    assert _read_all(resumed) == b"2020-07-15 10:01:00,p,u2,s\n"
+
+
+def test_a_gzip_files_last_line_without_a_line_end_is_read(tmp_path):
+    path = tmp_path / "clicks.csv.gz"
+    path.write_bytes(gzip.compress(b"timestamp,page,user,session_id\n2020-07-15 10:01:00,p,u2,s"))
+    assert _read_all(FileTransport(path)).endswith(b"2020-07-15 10:01:00,p,u2,s\n")
