@@ -596,13 +596,21 @@ class EventParser:
 # --- windows ---------------------------------------------------------------------------------------
 
 
+def _present(values: pa.Array | np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` have a value (not null, not NaN) in a parsed column."""
+    if isinstance(values, pa.Array):
+        return pc.is_valid(values.take(pa.array(rows))).to_numpy(zero_copy_only=False)
+    return ~np.isnan(values[rows])
+
+
 class _Window:
     """Partial aggregates of one open window: exact, so closing it equals batch resampling."""
 
-    __slots__ = ("count", "distinct", "hashes", "lines", "values")
+    __slots__ = ("count", "counts", "distinct", "hashes", "lines", "values")
 
-    def __init__(self, distinct: list[str], numeric: list[str]) -> None:
+    def __init__(self, distinct: list[str], numeric: list[str], counted: list[str]) -> None:
         self.count = 0
+        self.counts: dict[str, int] = {name: 0 for name in counted}  # non-null values (``count`` of a column)
         self.distinct: dict[str, set[Any]] = {name: set() for name in distinct}
         self.values: dict[str, list[np.ndarray]] = {name: [] for name in numeric}
         # raw lines counted here (chunk, starts, stops), hashed only when a checkpoint saves them
@@ -639,6 +647,7 @@ class WindowStore:
         self.numeric = sorted(
             {m.column for m in source.metrics if m.agg not in ("count", "nunique") and m.column}
         )
+        self.counted = sorted({m.column for m in source.metrics if m.agg == "count" and m.column})
         self.open: dict[int, _Window] = {}
         self.max_event: int | None = None
         self.next_window: int | None = None  # the first window not closed yet (None before any closed)
@@ -683,13 +692,16 @@ class WindowStore:
                 codes[name] = (pc.fill_null(encoded.indices, -1).to_numpy(), encoded.dictionary.to_pylist())
             else:
                 codes[name] = (value[rows], None)
+        present = {name: _present(parsed.values[name], rows) for name in self.counted}
         line_starts, line_stops = parsed.starts[parsed.line[rows]], parsed.stops[parsed.line[rows]]
         for start, stop in bounds:
             key = int(buckets[start])
             window = self.open.get(key)
             if window is None:
-                window = self.open[key] = _Window(self.distinct, self.numeric)
+                window = self.open[key] = _Window(self.distinct, self.numeric, self.counted)
             window.count += stop - start
+            for name, valid in present.items():
+                window.counts[name] += int(valid[start:stop].sum())
             for name, (code, dictionary) in codes.items():
                 if dictionary is None:
                     part = code[start:stop]
@@ -731,8 +743,9 @@ class WindowStore:
     def _metrics(self, window: _Window | None) -> dict[str, float]:
         result: dict[str, float] = {}
         for metric in self.source.metrics:
-            if metric.agg == "count":
-                result[metric.name] = window.count if window else 0
+            if metric.agg == "count":  # as SQL's count(column): the column's non-null values
+                counted = (window.counts[metric.column] if metric.column else window.count) if window else 0
+                result[metric.name] = counted
             elif metric.agg == "nunique":
                 result[metric.name] = len(window.distinct[metric.column]) if window else 0
             else:
@@ -757,6 +770,7 @@ class WindowStore:
                 {
                     "start": start,
                     "count": window.count,
+                    "counts": window.counts,
                     "distinct": {k: sorted(v) for k, v in window.distinct.items()},
                 }
             )
@@ -767,8 +781,9 @@ class WindowStore:
         self.max_event, self.next_window = document["max_event"], document["next_window"]
         self.open = {}
         for saved in document["open"]:
-            window = _Window(self.distinct, self.numeric)
+            window = _Window(self.distinct, self.numeric, self.counted)
             window.count = saved["count"]
+            window.counts = {name: saved.get("counts", {}).get(name, saved["count"]) for name in self.counted}
             window.distinct = {name: set(values) for name, values in saved["distinct"].items()}
             window.values = {
                 name: [arrays[f"window/{saved['start']}/values/{name}"]] for name in self.numeric

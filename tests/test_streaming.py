@@ -263,6 +263,7 @@ def test_every_aggregation_equals_batch_resampling(tmp_path):
             "columns": [{"name": "user"}, {"name": "amount", "type": "number", "required": False}],
             "metrics": [
                 {"name": "orders", "agg": "count"},
+                {"name": "paid", "agg": "count", "column": "amount"},  # its non-null values, as count(amount)
                 {"name": "buyers", "agg": "nunique", "column": "user"},
                 {"name": "amounts", "agg": "nunique", "column": "amount"},
                 {"name": "revenue", "agg": "sum", "column": "amount"},
@@ -715,3 +716,35 @@ def test_a_gzip_files_last_line_without_a_line_end_is_read(tmp_path):
     path = tmp_path / "clicks.csv.gz"
     path.write_bytes(gzip.compress(b"timestamp,page,user,session_id\n2020-07-15 10:01:00,p,u2,s"))
     assert _read_all(FileTransport(path)).endswith(b"2020-07-15 10:01:00,p,u2,s\n")
+
+
+def test_an_open_windows_column_counts_survive_a_checkpoint():
+    source = SourceConfig.model_validate(
+        {
+            "name": "orders",
+            "start_date": "2020-07-01",
+            "files": ["orders*.jsonl"],
+            "columns": [{"name": "user"}, {"name": "amount", "type": "number", "required": False}],
+            "metrics": [
+                {"name": "orders", "agg": "count"},
+                {"name": "paid", "agg": "count", "column": "amount"},
+            ],
+            "detectors": [{"name": "z", "kind": "robust_zscore", "features": ["orders"]}],
+        }
+    )
+    lines = [
+        json.dumps(
+            {
+                "timestamp": f"2020-07-15 10:0{minute}:00",
+                "user": "u",
+                **({"amount": 2.5} if minute % 3 else {}),
+            }
+        )
+        for minute in range(7)
+    ]
+    parsed = EventParser(source, "test").parse(("\n".join(lines) + "\n").encode())
+    store = streaming.WindowStore(source, 5)
+    store.add(parsed, np.ones(len(parsed.ts), dtype=bool))
+    restored = streaming.WindowStore(source, 5)
+    restored.restore(*store.state())
+    assert [window.metrics for window in restored.close_all()] == [{"orders": 7, "paid": 4}]
