@@ -121,6 +121,7 @@ US_PER_MINUTE = 60_000_000
 US_PER_DAY = 1440 * US_PER_MINUTE
 _EPOCH = datetime(1970, 1, 1)
 _NEWLINE, _CR, _BRACE = 10, 13, ord("{")
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as some editors start a file
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _NEVER = -(2**62)  # "no event yet" that survives subtracting a lateness
 
@@ -285,8 +286,12 @@ class EventParser:
             unexpected_field_behavior="ignore",
         )
         self._db: duckdb.DuckDBPyConnection | None = None
+        self._parsed_any = False
 
     def parse(self, chunk: bytes) -> ParsedChunk:
+        if not self._parsed_any and chunk.startswith(_BOM):  # as batch reads a file (utf-8-sig)
+            chunk = b" " * len(_BOM) + chunk[len(_BOM) :]  # blanks keep every byte offset
+        self._parsed_any = True
         buf = np.frombuffer(chunk, dtype=np.uint8)
         ends = np.flatnonzero(buf == _NEWLINE)
         starts = np.zeros(len(ends), dtype=np.int64)
@@ -401,6 +406,8 @@ class EventParser:
                 self.header = header = names
                 position = {name: i for i, name in reversed(list(enumerate(header)))}
                 continue
+            if len(row) > len(header) and not any(row[len(header) :]):
+                row = row[: len(header)]  # empty trailing fields (a trailing delimiter), as DuckDB reads them
             if len(row) != len(header):
                 parsed.bad.append((index, f"expected {len(header)} fields, found {len(row)}", None))
                 continue

@@ -246,6 +246,27 @@ def test_csv_lines_parse_as_batch_ingestion_does(tmp_path):
     assert bad[6] == ingest.UNTERMINATED_QUOTE and bad[12] == "missing user"
 
 
+def test_a_byte_order_mark_and_trailing_delimiters_read_as_batch_reads_them(tmp_path):
+    """A BOM used to hide the header (rows then took the source's column order: page and user
+    swapped); empty trailing fields are a trailing delimiter to DuckDB, not extra columns."""
+    data = (
+        b"\xef\xbb\xbftimestamp,user,page,session_id\n"
+        b"2020-07-15 10:00:00,u1,p1,s\n"
+        b"2020-07-15 10:00:01,u2,p2,s,\n"
+        b"2020-07-15 10:00:02,u3,p3,s,,\n"
+        b"2020-07-15 10:00:03,u4,p4,s,x\n"
+        b"2020-07-15 10:00:04,u5,p5,s, \n"
+    )
+    path = tmp_path / "clicks.csv"
+    path.write_bytes(data)
+    batch_events, batch_bad = _batch(SOURCE, path)
+    events, bad = _stream(SOURCE, data, "auto")
+    assert events == batch_events and [page for _, page, _ in events.values()] == ["p1", "p2", "p3"]
+    assert set(bad) == batch_bad == {5, 6}
+    json_first = b'\xef\xbb\xbf{"timestamp": "2020-07-15 10:00:00", "page": "p", "user": "u"}\n'
+    assert len(EventParser(SOURCE, "test").parse(json_first).ts) == 1
+
+
 def test_csv_without_header_uses_the_source_column_order():
     parsed = EventParser(SOURCE, "test").parse(b"2020-07-15 10:00:00,p1, u1 ,s\n")
     assert parsed.values["user"].to_pylist() == ["u1"] and not parsed.bad
