@@ -52,6 +52,7 @@ from anomaly_dagster.engines.spark import (
     _trim,
     _utc_timestamp,
     spark_session,
+    too_many_fields,
     typed_fields,
 )
 from anomaly_dagster.streaming import (
@@ -108,10 +109,11 @@ def landing_lines(spark: SparkSession, source: SourceConfig, landing: Path) -> D
     exploded = split.select(
         "source_file",
         "kind",
-        F.regexp_replace(F.element_at("lines", 1), "\r$", "").alias("header"),
+        F.regexp_replace(F.element_at("lines", 1), "^\ufeff|\r$", "").alias("header"),
         F.posexplode("lines").alias("position", "text"),
     )
     text = F.regexp_replace("text", "\r$", "")
+    text = F.when(F.col("position") == 0, F.regexp_replace(text, "^\ufeff", "")).otherwise(text)  # a BOM
     data = (F.col("kind") == "jsonl") | (F.col("position") > 0)
     return exploded.where(data & (_trim(text) != "")).select(
         "source_file", (F.col("position") + 1).alias("line"), text.alias("text"), "kind", "header"
@@ -160,9 +162,9 @@ def _csv_fields(source: SourceConfig) -> tuple[dict[str, Column], Column]:
     )
     width, found = F.size(columns), F.size(fields)
     expected = F.concat(F.lit("Expected Number of Columns: "), width.cast("string"), F.lit(" Found: "))
-    early = F.when(found > width, F.concat(F.lit("TOO MANY COLUMNS: "), expected, found.cast("string"))).when(
-        found < width, F.concat(F.lit("MISSING COLUMNS: "), expected, found.cast("string"))
-    )
+    early = F.when(
+        too_many_fields(fields, width), F.concat(F.lit("TOO MANY COLUMNS: "), expected, found.cast("string"))
+    ).when(found < width, F.concat(F.lit("MISSING COLUMNS: "), expected, found.cast("string")))
     values = {}
     for name in names:
         position = F.array_position(columns, F.lit(name))

@@ -303,6 +303,14 @@ def _line_text(value: Column) -> Column:
     return _cap(F.regexp_replace(F.make_valid_utf8(value), "\ufffd", "?"))
 
 
+def too_many_fields(fields: Column, width: Column) -> Column:
+    """More fields than the header names, beyond empty trailing ones: DuckDB's reader takes those
+    (``...,s,`` or ``...,s,,``) as a trailing delimiter, not as extra columns."""
+    found = F.size(fields)
+    extra = F.slice(fields, width + 1, F.greatest(found - width, F.lit(0)))
+    return (found > width) & F.exists(extra, lambda field: field != "")
+
+
 def _csv_records(spark: SparkSession, source: SourceConfig, path: Path) -> DataFrame:
     """Data lines, fields taken by header position as DuckDB's reader parses them (quotes, blanks).
 
@@ -332,7 +340,10 @@ def _csv_records(spark: SparkSession, source: SourceConfig, path: Path) -> DataF
     reject = F.coalesce(
         _line_rejects(value),
         F.when(badly_quoted, F.lit(UNQUOTED_VALUE))
-        .when(found > width, F.concat(F.lit("TOO MANY COLUMNS: " + expected), found.cast("string")))
+        .when(
+            too_many_fields(fields, F.lit(width)),
+            F.concat(F.lit("TOO MANY COLUMNS: " + expected), found.cast("string")),
+        )
         # DuckDB reports a short line once per missing position: "Found: 2; ...Found: 3" of 4
         .when(found < width, F.concat_ws("; ", F.transform(F.sequence(found, F.lit(width - 1)), missing))),
     )

@@ -270,6 +270,9 @@ EDGE_CSV_LINES = [
     "24/10/2020 10:20:00,u20,3,n\x01te",  # a control character
     "24/10/2020 10:21:00,u21,3," + "n" * 1100,  # longer than max_field_length
     "24/10/2020 10:22:00,\u00a0u22\u3000,3,x",  # Unicode blanks are trimmed
+    "24/10/2020 10:24:00,u24,3,x,",  # a trailing delimiter: DuckDB reads 4 fields
+    "24/10/2020 10:25:00,u25,3,x,,",
+    "24/10/2020 10:26:00,u26,3,x, ",  # a blank is a value: 5 fields
     "24/10/2020 10:23:00,u23,3,x",
     "24/10/2020 10:23:00,u23,3,x",  # the same event twice in one file: both count
 ]
