@@ -968,10 +968,11 @@ def _ingest(
     for path, known in sorted(candidates, key=lambda candidate: str(candidate[0])):
         if known is not None and not known.touched_days & wanted:
             continue
-        stat = path.stat()  # before the read: a file appended to meanwhile is read again next time
+        # a new or changed file's size and time before the read: one appended to meanwhile is read again
+        stat = path.stat() if known is None else None
         readable, file_rows = load_file(connection, source, path)
         if known is None:  # new or changed: indexed from this read (only ingest_landing passes these)
-            assert index is not None
+            assert index is not None and stat is not None
             known = index.add(_indexed(connection, source, path, stat.st_size, stat.st_mtime_ns, readable))
         entry = known
         touched = entry.touched_days & wanted

@@ -91,17 +91,18 @@ def _metadata(output: AssetOutput) -> dict[str, object]:
 
 
 def _check_results(source: SourceConfig, outputs: dict[str, AssetOutput]) -> Iterator[dg.AssetCheckResult]:
+    ingested = outputs.get("raw_events")
+    events = {part.day: part.row_count for part in ingested.written} if ingested is not None else {}
     for asset, output in outputs.items():
         if asset not in CHECKS:
             continue
         if asset == "raw_events":
-            outcome = checks.events_present(source, {part.day: part.row_count for part in output.written})
+            outcome = checks.events_present(source, events)
             severity = dg.AssetCheckSeverity.ERROR
         elif asset == "resampled":
             outcome = checks.complete_buckets(source, output.frames)
             severity = dg.AssetCheckSeverity.ERROR
         elif asset == "quarantine":
-            events = {part.day: part.row_count for part in outputs["raw_events"].written}
             outcome = checks.quarantine_rate(source, events, output.frames)
             severity = dg.AssetCheckSeverity.ERROR
         else:

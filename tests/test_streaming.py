@@ -275,8 +275,9 @@ def test_csv_without_header_uses_the_source_column_order():
 # --- windows: batch resampling's aggregates --------------------------------------------------------
 
 
-def test_every_aggregation_equals_batch_resampling(tmp_path):
-    source = SourceConfig.model_validate(
+def orders_source(*metrics: dict) -> SourceConfig:
+    """An order log (user, optional amount) counting orders and paid orders, plus ``metrics``."""
+    return SourceConfig.model_validate(
         {
             "name": "orders",
             "start_date": "2020-07-01",
@@ -285,16 +286,22 @@ def test_every_aggregation_equals_batch_resampling(tmp_path):
             "metrics": [
                 {"name": "orders", "agg": "count"},
                 {"name": "paid", "agg": "count", "column": "amount"},  # its non-null values, as count(amount)
-                {"name": "buyers", "agg": "nunique", "column": "user"},
-                {"name": "amounts", "agg": "nunique", "column": "amount"},
-                {"name": "revenue", "agg": "sum", "column": "amount"},
-                {"name": "mean_amount", "agg": "mean", "column": "amount"},
-                {"name": "low", "agg": "min", "column": "amount"},
-                {"name": "high", "agg": "max", "column": "amount"},
-                {"name": "p95_amount", "agg": "p95", "column": "amount"},
+                *metrics,
             ],
             "detectors": [{"name": "z", "kind": "robust_zscore", "features": ["orders"]}],
         }
+    )
+
+
+def test_every_aggregation_equals_batch_resampling(tmp_path):
+    source = orders_source(
+        {"name": "buyers", "agg": "nunique", "column": "user"},
+        {"name": "amounts", "agg": "nunique", "column": "amount"},
+        {"name": "revenue", "agg": "sum", "column": "amount"},
+        {"name": "mean_amount", "agg": "mean", "column": "amount"},
+        {"name": "low", "agg": "min", "column": "amount"},
+        {"name": "high", "agg": "max", "column": "amount"},
+        {"name": "p95_amount", "agg": "p95", "column": "amount"},
     )
     rng = np.random.default_rng(5)
     stamps = START + pd.to_timedelta(np.sort(rng.integers(0, 3 * 3600, 800)), unit="s")
@@ -740,19 +747,7 @@ def test_a_gzip_files_last_line_without_a_line_end_is_read(tmp_path):
 
 
 def test_an_open_windows_column_counts_survive_a_checkpoint():
-    source = SourceConfig.model_validate(
-        {
-            "name": "orders",
-            "start_date": "2020-07-01",
-            "files": ["orders*.jsonl"],
-            "columns": [{"name": "user"}, {"name": "amount", "type": "number", "required": False}],
-            "metrics": [
-                {"name": "orders", "agg": "count"},
-                {"name": "paid", "agg": "count", "column": "amount"},
-            ],
-            "detectors": [{"name": "z", "kind": "robust_zscore", "features": ["orders"]}],
-        }
-    )
+    source = orders_source()
     lines = [
         json.dumps(
             {
