@@ -7,6 +7,7 @@ itself and marked ``cold_start`` so nobody mistakes its flags for out-of-sample 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from datetime import date
@@ -57,11 +58,18 @@ def needs_labels(source: SourceConfig) -> bool:
 
 
 def make_detector(source: SourceConfig, name: str) -> Detector:
+    """The configured detector ``name``; a time-of-day profile gets the source's slots per day."""
     config = next(detector for detector in source.detectors if detector.name == name)
     params = dict(config.params)
-    if "time_of_day_window" in params:
-        params.setdefault("n_slots", source.buckets_per_day)
-    return detector_class(config.kind)(config.features, **params)
+    cls = detector_class(config.kind)
+    if "n_slots" in inspect.signature(cls).parameters:
+        if params.get("n_slots", source.buckets_per_day) != source.buckets_per_day:
+            raise ValueError(
+                f"{source.name}: detector {name!r} has n_slots {params['n_slots']}, but "
+                f"{source.bucket_minutes}-minute buckets make {source.buckets_per_day} slots a day"
+            )
+        params["n_slots"] = source.buckets_per_day
+    return cls(config.features, **params)
 
 
 def train(
@@ -95,8 +103,9 @@ def train(
             detector.fit(features)
         scores = detector.score(features)
         detectors[config.name] = detector
+        measured = np.where(detector.scored_rows(features), scores, np.nan)  # calibrate() drops NaN
         thresholds[config.name] = calibrate(
-            scores, config.threshold or source.threshold, labels=training_labels
+            measured, config.threshold or source.threshold, labels=training_labels
         )
         training_scores[config.name] = scores
     return TrainedModel(detectors, thresholds, days, cold_start, training_scores)

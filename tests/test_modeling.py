@@ -7,12 +7,26 @@ from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from anomaly_dagster.calibration import calibrate
-from anomaly_dagster.config import DerivedConfig, EnsembleConfig, ThresholdConfig, load_sources
+from anomaly_dagster.config import (
+    DerivedConfig,
+    DetectorConfig,
+    EnsembleConfig,
+    ThresholdConfig,
+    load_sources,
+)
 from anomaly_dagster.detectors.zscore import RobustZScoreDetector
 from anomaly_dagster.features import add_derived
-from anomaly_dagster.modeling import anomalies_from_scores, needs_labels, score, train, training_window
+from anomaly_dagster.modeling import (
+    anomalies_from_scores,
+    make_detector,
+    needs_labels,
+    score,
+    train,
+    training_window,
+)
 
 SOURCE = load_sources()["clickstream"]
 DAY = date(2020, 7, 10)
@@ -116,3 +130,42 @@ def test_a_detectors_own_best_f1_threshold_makes_training_read_the_labels():
     tuned = zscore.model_copy(update={"threshold": ThresholdConfig(method="best_f1", k=3)})
     assert not needs_labels(SOURCE)
     assert needs_labels(SOURCE.model_copy(update={"detectors": [*SOURCE.detectors[:1], tuned]}))
+
+
+def _only(kind: str, features: list[str], **params: object) -> DetectorConfig:
+    return DetectorConfig(name="only", kind=kind, features=features, params=params)
+
+
+def test_time_of_day_profiles_get_the_sources_slots_per_day_without_being_told():
+    """5-minute buckets make 288 slots: a profile sized for 144 crashed, one for 96 pooled the wrong slots."""
+    five = SOURCE.model_copy(update={"bucket_minutes": 5, "ensemble": EnsembleConfig(detectors=["only"])})
+    features = _features(rows=3 * 288).assign(slot=lambda frame: np.arange(len(frame)) % 288)
+    for kind in ("iqr", "robust_zscore", "seasonal_band"):
+        source = five.model_copy(update={"detectors": [_only(kind, ["users"])]})
+        assert make_detector(source, "only").n_slots == 288
+        model = train(source, features, [DAY], False)
+        assert np.isfinite(model.thresholds["only"].value)
+    wrong = five.model_copy(update={"detectors": [_only("iqr", ["users"], n_slots=144)]})
+    with pytest.raises(ValueError, match="288 slots a day"):
+        make_detector(wrong, "only")
+
+
+def test_rows_with_a_missing_feature_do_not_lift_the_threshold():
+    """An isolation forest scores a row with a missing value 0; counted as normal scores, a fifth of
+    such rows lifted the sigma threshold above a gross outlier's score."""
+    source = SOURCE.model_copy(
+        update={
+            "detectors": [_only("isolation_forest", ["users", "clicks"])],
+            "ensemble": EnsembleConfig(detectors=["only"]),
+        }
+    )
+    complete = _features(rows=1008)
+    gappy = complete.copy()
+    gappy.loc[np.random.default_rng(1).random(len(gappy)) < 0.2, "users"] = np.nan
+    outlier = _features(rows=1).assign(users=160.0, clicks=90.0)
+    for features in (complete, gappy):
+        model = train(source, features, [DAY], False)
+        threshold = model.thresholds["only"].value
+        measured = model.training_scores["only"][features["users"].notna().to_numpy()]
+        assert threshold == pytest.approx(measured.mean() + 3 * measured.std())
+        assert model.detectors["only"].score(outlier)[0] > threshold

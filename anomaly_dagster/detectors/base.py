@@ -25,6 +25,9 @@ class Detector(ABC):
     """Base class: subclasses set ``kind`` and implement fit/score/explain and their state."""
 
     kind: ClassVar[str]
+    #: whether a row with only some features missing still gets a real score (per-feature detectors);
+    #: otherwise any missing feature gives the row the placeholder score 0
+    scores_partial_rows: ClassVar[bool] = False
 
     def __init__(self, features: list[str], **params: Any) -> None:
         if not features:
@@ -38,6 +41,12 @@ class Detector(ABC):
         if missing:
             raise KeyError(f"detector {self.kind!r} needs columns {missing}; frame has {list(frame.columns)}")
         return frame[self.features].to_numpy(dtype=np.float64)
+
+    def scored_rows(self, frame: pd.DataFrame) -> np.ndarray:
+        """(n,) bool: rows with a measured score. The others hold the placeholder 0 of a missing value,
+        which a threshold calibrated on them would take for a normal score (and sit too high)."""
+        finite = np.isfinite(self.matrix(frame))
+        return finite.any(axis=1) if self.scores_partial_rows else finite.all(axis=1)
 
     @abstractmethod
     def fit(self, frame: pd.DataFrame) -> Detector:

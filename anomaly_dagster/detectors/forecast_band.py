@@ -62,6 +62,8 @@ def widen(raw: np.ndarray, factors: np.ndarray) -> np.ndarray:
 class BandDetector(Detector):
     """Scoring, explanation and the band table for every detector that can produce a calibrated band."""
 
+    scores_partial_rows: ClassVar[bool] = True
+
     @abstractmethod
     def bounds(self, frame: pd.DataFrame) -> np.ndarray:
         """(3, n, d) calibrated lower, median and upper value per row and feature (NaN: no band)."""

@@ -29,6 +29,7 @@ class RobustZScoreDetector(Detector):
     """Params: ``time_of_day_window`` (slots pooled each side; None = one global profile), ``n_slots``."""
 
     kind: ClassVar[str] = "robust_zscore"
+    scores_partial_rows: ClassVar[bool] = True
 
     def __init__(self, features: list[str], time_of_day_window: int | None = 3, n_slots: int = 144) -> None:
         super().__init__(features, time_of_day_window=time_of_day_window, n_slots=n_slots)
