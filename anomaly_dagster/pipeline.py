@@ -9,6 +9,7 @@ can declare exactly the dependencies the code uses.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 MODEL_FILE = "model.npz"
+# the model table's threshold method for an entity that could not be fitted
+UNTRAINED = "untrained"
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,7 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     available = warehouse.existing_days(source.name, "features")
     labels = source_labels(source, context.landing_dir) if modeling.needs_labels(source) else None
-    frames, written = {}, []
+    frames, written, untrained = {}, [], {}
     for day in days:
         window, cold_start = modeling.training_window(source, day, available)
         features = warehouse.read_partitions(source.name, "features", window)
@@ -305,12 +308,12 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
             thresholds = {name: threshold.value for name, threshold in model.thresholds.items()}
         else:
             today = features if cold_start else warehouse.read_partitions(source.name, "features", [day])
-            models = _train_entities(source, day, features, today, cold_start, labels)
+            models, untrained[day] = _train_entities(source, day, features, today, cold_start, labels)
             entities.save_entity_models(
                 model_path(warehouse, source, day),
                 {e: (m.detectors, m.manifest()) for e, m in models.items()},
             )
-            frames[day] = _entity_model_summary(source, models)
+            frames[day] = _entity_model_summary(source, models, untrained[day])
             upstream += [("features", day)] if frames[day]["cold_start"].any() and not cold_start else []
             training_scores, thresholds = _pooled_training_scores(source, models)
         written.append(warehouse.write_partition(source.name, "model", day, frames[day], upstream))
@@ -326,6 +329,8 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     output.summary["cold_start_days_in_run"] = sum(
         bool(frame["cold_start"].any()) for frame in frames.values()
     )
+    if source.entity is not None:
+        output.summary[f"untrained_{source.entity}_in_run"] = sum(len(day) for day in untrained.values())
     return _record(context, [output])
 
 
@@ -336,32 +341,57 @@ def _train_entities(
     today: pd.DataFrame,
     cold_start: bool,
     labels: pd.Series | None,
-) -> dict[str, modeling.TrainedModel]:
-    """One model per entity of ``day``, on that entity's rows of the training window.
+) -> tuple[dict[str, modeling.TrainedModel], dict[str, str]]:
+    """One model per entity of ``day``, on that entity's rows of the training window, and the
+    entities left untrained with the reason.
 
-    An entity with no earlier rows (new today, or the source's first day) is fitted on its own day
-    and marked ``cold_start``, as a new source is.
+    An entity with no usable earlier rows (new today, back after a silence, or the source's first
+    day) is fitted on its own day and marked ``cold_start``, as a new source is. One that cannot be
+    fitted even so (a sensor that sent one reading) is left out with its reason instead of failing
+    every other entity's model.
     """
     past = {} if cold_start else dict(entities.split(source, history))
-    models = {}
+    models, untrained = {}, {}
     for entity, rows in entities.split(source, today):
         earlier = past.get(entity)
-        try:
-            if earlier is not None and len(earlier):
-                seen = sorted(set(pd.DatetimeIndex(earlier["bucket_start"]).date))
-                models[entity] = modeling.train(source, earlier, seen, False, labels)
-            else:
-                models[entity] = modeling.train(source, rows, [day], True, labels)
-        except ValueError as error:
-            raise ValueError(f"{source.name} {source.entity}={entity!r} on {day}: {error}") from None
-    return models
+        attempts = [(rows, [day], True)]
+        if earlier is not None and len(earlier):
+            attempts.insert(0, (earlier, sorted(set(pd.DatetimeIndex(earlier["bucket_start"]).date)), False))
+        failures = []
+        for frame, window, cold in attempts:
+            try:
+                models[entity] = modeling.train(source, frame, window, cold, labels)
+                break
+            except ValueError as error:
+                failures.append(str(error))
+        if entity not in models:
+            untrained[entity] = f"{source.entity}={entity!r} on {day}: {'; then '.join(failures)}"
+    return models, untrained
 
 
-def _entity_model_summary(source: SourceConfig, models: dict[str, modeling.TrainedModel]) -> pd.DataFrame:
+def _entity_model_summary(
+    source: SourceConfig, models: dict[str, modeling.TrainedModel], untrained: dict[str, str]
+) -> pd.DataFrame:
+    """Every entity's detectors; an untrained entity has one row per detector with method
+    ``untrained`` and the reason, so that its missing scores are explained in the catalog."""
     summaries = [
         entities.with_entity(source, modeling.model_summary(source, model), entity)
         for entity, model in models.items()
     ]
+    for entity, reason in untrained.items():
+        rows = [
+            {
+                "detector": detector.name,
+                "kind": detector.kind,
+                "threshold_method": UNTRAINED,
+                "threshold": np.nan,
+                "threshold_params": json.dumps({"reason": reason}),
+                "training_rows": 0,
+                "cold_start": True,
+            }
+            for detector in source.detectors
+        ]
+        summaries.append(entities.with_entity(source, pd.DataFrame(rows), entity))
     if not summaries:
         return pd.DataFrame({source.entity: pd.Series(dtype=object), "cold_start": pd.Series(dtype=bool)})
     return pd.concat(summaries, ignore_index=True)
@@ -396,10 +426,11 @@ def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
             frames[day] = modeling.score(source, features, detectors, thresholds)
         else:
             models = entities.load_entity_models(model_path(warehouse, source, day))
-            frames[day] = entities.per_entity(
+            frames[day] = entities.per_entity(  # an untrained entity has no model, hence no scores
                 source,
                 features,
                 lambda entity, rows, models=models: modeling.score(source, rows, *models[entity]),
+                [entity for entity in entities.entities_on(source, features) if entity in models],
             )
     output = _write(context, "scores", frames, [Upstream("features"), Upstream("model")])
     window = f"{days[0]}" if len(days) == 1 else f"{days[0]}..{days[-1]}"

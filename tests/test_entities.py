@@ -227,3 +227,30 @@ def test_days_when_the_sensors_fall_silent(tmp_path: Path) -> None:
     for asset in ("features", "model", "scores", "anomalies", "incidents"):
         assert outputs[asset].frames[nobody].empty, asset
     assert warehouse.query("SELECT count(*) AS n FROM sensors.incidents")["n"].iloc[0] == 2
+
+
+def test_a_sensor_too_new_to_model_is_left_out_with_its_reason_not_every_sensor(tmp_path: Path) -> None:
+    """s99 is installed at 23:52: one bucket that day is too little for an isolation forest. It used to
+    fail the model of every sensor; now it alone goes untrained that day (the model table says why, its
+    scores are absent), and the next day it trains on its own day, as a new sensor does."""
+    generated = generate_sensors(tmp_path / "landing", days=2, seed=4, sensors=2)
+    lines = ["timestamp,sensor_id,temperature,pressure"]
+    moment = datetime(2024, 3, 1, 23, 52)
+    while moment < datetime(2024, 3, 3):
+        lines.append(f"{moment:%Y-%m-%d %H:%M:%S},s99,20.5,1012.0")
+        moment += timedelta(minutes=1)
+    (generated.files[0].parent / "sensors_s99.csv").write_text("\n".join(lines) + "\n")
+    warehouse = Warehouse(tmp_path / "warehouse")
+    context = StageContext(SENSORS, warehouse, tmp_path / "landing", RunInfo("test", "0"))
+    first, second = DAY, DAY + timedelta(days=1)
+    outputs = run_window(context, [first, second])
+    model = outputs["model"].frames[first]
+    new = model[model["sensor_id"] == "s99"]
+    assert set(new["threshold_method"]) == {"untrained"}
+    assert "s99" in new["threshold_params"].iloc[0] and "two finite rows" in new["threshold_params"].iloc[0]
+    assert outputs["model"].summary["untrained_sensor_id_in_run"] == 1
+    scored = outputs["scores"].frames
+    assert sorted(scored[first]["sensor_id"].unique()) == ["s01", "s02"]
+    assert sorted(scored[second]["sensor_id"].unique()) == ["s01", "s02", "s99"]
+    later = outputs["model"].frames[second].set_index("sensor_id")
+    assert later.loc["s99", "cold_start"].all() and not later.loc["s01", "cold_start"].any()
