@@ -62,11 +62,14 @@ dev: setup
 
 backfill: setup
 	@test -n "$(START)" -a -n "$(END)" || (echo "usage: make backfill SOURCE=name START=YYYY-MM-DD END=YYYY-MM-DD" && exit 2)
+	@$(BIN)/anomaly-dagster has-labels '$(SOURCE)'; test $$? -le 1  # an unknown source stops here, named
 	$(BIN)/dagster asset materialize -m anomaly_dagster.definitions \
 		--select 'key:$(SOURCE)/* and not key:$(SOURCE)/evaluation' --partition-range $(START)...$(END) \
 		--config-json '$(RUN_CONFIG)'
-	$(BIN)/dagster asset materialize -m anomaly_dagster.definitions --select 'key:$(SOURCE)/evaluation' \
-		--config-json '$(RUN_CONFIG)'
+	@if $(BIN)/anomaly-dagster has-labels '$(SOURCE)'; then \
+		$(BIN)/dagster asset materialize -m anomaly_dagster.definitions --select 'key:$(SOURCE)/evaluation' \
+			--config-json '$(RUN_CONFIG)'; \
+	else echo "$(SOURCE) has no labels: no evaluation"; fi
 
 lint: setup
 	$(BIN)/ruff check .

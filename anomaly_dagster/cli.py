@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from anomaly_dagster.config import load_sources, warehouse_dir
+from anomaly_dagster.config import ConfigError, SourceConfig, load_sources, warehouse_dir
 from anomaly_dagster.evaluation import evaluate, load_labels
 from anomaly_dagster.generate import generate_clickstream, generate_sensors
 from anomaly_dagster.spark_stream import register_cli as register_spark_stream_cli
@@ -23,12 +23,37 @@ from anomaly_dagster.warehouse import Warehouse
 GENERATORS = {"clickstream": generate_clickstream, "sensors": generate_sensors}
 
 
+class UsageError(Exception):
+    """A mistake on the command line: printed as one line, exit status 2."""
+
+
+def _source(name: str) -> SourceConfig:
+    sources = load_sources()
+    if name not in sources:
+        raise UsageError(f"unknown source {name!r}; known: {sorted(sources)}")
+    return sources[name]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD day: {text!r}") from None
+
+
 def _generate(args: argparse.Namespace) -> int:
     if args.source not in GENERATORS:
         print(f"no generator for source {args.source!r}; available: {sorted(GENERATORS)}", file=sys.stderr)
         return 2
-    source = load_sources()[args.source]
-    start = date.fromisoformat(args.start) if args.start else source.start_date
+    source = _source(args.source)
+    start = args.start or source.start_date
     result = GENERATORS[args.source](Path(args.out), days=args.days, start=start, seed=args.seed)
     print(f"wrote {len(result.files)} files to {args.out}; labels in {result.labels}")
     print(f"partitions: {start.isoformat()} .. {(start + timedelta(days=args.days - 1)).isoformat()}")
@@ -36,12 +61,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    source = load_sources()[args.source]
+    source = _source(args.source)
     warehouse = Warehouse(Path(args.warehouse) if args.warehouse else warehouse_dir())
     if not warehouse.catalog_path.exists():
         print(f"no catalog at {warehouse.catalog_path}: materialize the pipeline first", file=sys.stderr)
         return 1
     name = source.name
+    tables = warehouse.query(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", [name]
+    )["table_name"]
+    if not {"incidents", "resampled", "scores"} <= set(tables):
+        print(f"no {name} tables in {warehouse.catalog_path}: materialize {name} first", file=sys.stderr)
+        return 1
     incidents = warehouse.query(f'SELECT * EXCLUDE (date) FROM "{name}".incidents ORDER BY start, "end"')
     # an incident over midnight is in both days' tables: the later row (continued) is the whole of it
     keys = ["start", *([source.entity] if source.entity is not None else [])]
@@ -68,14 +99,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_labels(args: argparse.Namespace) -> int:
+    return 0 if _source(args.source).labels is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-dagster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="write realistic sample raw logs with labelled faults")
     generate.add_argument("source")
-    generate.add_argument("--days", type=int, default=14)
+    generate.add_argument("--days", type=_positive, default=14)
     generate.add_argument("--out", required=True, help="landing folder to write into")
-    generate.add_argument("--start", help="first day (default: the source's start_date)")
+    generate.add_argument("--start", type=_day, help="first day (default: the source's start_date)")
     generate.add_argument("--seed", type=int, default=7)
     generate.set_defaults(handler=_generate)
     report = commands.add_parser("report", help="print incidents and where the outputs are")
@@ -83,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--warehouse", help="default: ANOMALY_WAREHOUSE_DIR or data/warehouse")
     report.add_argument("--labels", help="labels file (0/1 line or start,end CSV) to score against")
     report.set_defaults(handler=_report)
+    labelled = commands.add_parser(
+        "has-labels", help="exit 0 if the source is evaluated against labels, 1 if not (for scripts)"
+    )
+    labelled.add_argument("source")
+    labelled.set_defaults(handler=_has_labels)
     register_stream_cli(commands)
     register_spark_stream_cli(commands)
     return parser
@@ -90,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (UsageError, ConfigError, FileNotFoundError) as error:
+        print(f"anomaly-dagster {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

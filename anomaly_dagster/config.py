@@ -420,12 +420,13 @@ def sources_dirs() -> list[Path]:
 
 
 def load_sources(directories: list[Path] | None = None) -> dict[str, SourceConfig]:
-    """Every ``*.yaml`` source in the given directories, keyed by name; a later directory overrides."""
+    """Every ``*.yaml`` (or ``*.yml``) source in the given directories, keyed by name; a later
+    directory overrides."""
     sources: dict[str, SourceConfig] = {}
     for directory in directories if directories is not None else sources_dirs():
         if not directory.is_dir():
             raise ConfigError(f"sources directory {directory} does not exist")
-        for path in sorted(directory.glob("*.yaml")):
+        for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
             source = load_source(path)
             sources[source.name] = source
     return sources

@@ -6,9 +6,11 @@ from datetime import date
 
 import dagster as dg
 import pandas as pd
+import pytest
+import yaml
 
 from anomaly_dagster.cli import main
-from anomaly_dagster.config import load_sources
+from anomaly_dagster.config import PACKAGE_SOURCES_DIR, load_sources
 from anomaly_dagster.definitions import build_definitions
 
 
@@ -40,8 +42,43 @@ def test_generate_then_report(tmp_path, capsys):
         warehouse / "clickstream" / "incidents" / f"date={date(2020, 7, 8)}" / "part.parquet"
     )
     assert f"{len(incidents)} incidents" in report
+    # a source that this warehouse never materialized, and a labels file that is not there
+    assert main(["report", "sensors", "--warehouse", str(warehouse)]) == 1
+    assert "no sensors tables in" in capsys.readouterr().err
+    assert (
+        main(["report", "clickstream", "--warehouse", str(warehouse), "--labels", str(tmp_path / "no.csv")])
+        == 2
+    )
+    assert "no.csv" in capsys.readouterr().err
 
 
 def test_unknown_generator_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "nosuchsource", "--out", str(tmp_path)]) == 2
     assert "no generator for source 'nosuchsource'" in capsys.readouterr().err
+
+
+def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    assert main(["report", "nosuch", "--warehouse", str(tmp_path)]) == 2
+    assert "unknown source 'nosuch'; known: ['clickstream', 'sensors']" in capsys.readouterr().err
+    for flag, value, message in (
+        ("--start", "2020-13-01", "not a YYYY-MM-DD day"),
+        ("--days", "0", "at least 1"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(["generate", "clickstream", "--out", str(tmp_path), flag, value])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setenv("ANOMALY_SOURCES_DIR", str(tmp_path / "nope"))
+    assert main(["generate", "clickstream", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_has_labels_tells_make_backfill_whether_to_evaluate(tmp_path, monkeypatch):
+    """make backfill evaluates only a labelled source: the evaluation asset of one without labels does
+    not exist, and selecting it made Dagster run every source's assets unpartitioned (and fail)."""
+    assert main(["has-labels", "clickstream"]) == 0
+    own = yaml.safe_load((PACKAGE_SOURCES_DIR / "clickstream.yaml").read_text())
+    own.pop("labels")
+    (tmp_path / "checkout.yml").write_text(yaml.safe_dump({**own, "name": "checkout"}))  # .yml is read too
+    monkeypatch.setenv("ANOMALY_SOURCES_DIR", str(tmp_path))
+    assert main(["has-labels", "checkout"]) == 1
+    assert main(["has-labels", "nosuch"]) == 2
