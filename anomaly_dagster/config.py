@@ -8,6 +8,7 @@ reach SQL is checked against a strict identifier pattern here, at load time.
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 from datetime import date
 from pathlib import Path
@@ -103,7 +104,7 @@ class DerivedConfig(_Strict):
 class DetectorConfig(_Strict):
     name: Identifier
     kind: str
-    features: list[Identifier]
+    features: list[Identifier] = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     # this detector's own calibration (e.g. a fixed 6 for a z-score, already in sd units); None:
     # the source's ``threshold``
@@ -113,6 +114,19 @@ class DetectorConfig(_Strict):
     @classmethod
     def _name(cls, value: str) -> str:
         return validate_identifier(value, "detector name")
+
+    @model_validator(mode="after")
+    def _known(self) -> DetectorConfig:
+        """The kind and its parameter names are checked when the file loads, not after a day's ingest."""
+        from anomaly_dagster.detectors import detector_class  # the detectors load NumPy, numba, ...
+
+        accepted = set(inspect.signature(detector_class(self.kind)).parameters) - {"features"}
+        unknown = sorted(set(self.params) - accepted)
+        if unknown:
+            raise ValueError(
+                f"{self.kind} detector has no parameter(s) {unknown}; it takes {sorted(accepted)}"
+            )
+        return self
 
 
 class ThresholdConfig(_Strict):
@@ -180,6 +194,15 @@ class ChecksConfig(_Strict):
     # stream_vs_batch: share of a day's buckets whose stream flag equals the batch ensemble's
     min_stream_agreement: float = Field(0.95, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _alert_range(self) -> ChecksConfig:
+        if self.min_alert_rate > self.max_alert_rate:
+            raise ValueError(
+                f"min_alert_rate {self.min_alert_rate} exceeds max_alert_rate {self.max_alert_rate}: "
+                "no day could pass alert_rate"
+            )
+        return self
+
 
 class SourceConfig(_Strict):
     """Everything the pipeline needs to know about one log source."""
@@ -212,7 +235,10 @@ class SourceConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return validate_identifier(value, "source name")
+        value = validate_identifier(value, "source name")
+        if value.lower() in RESERVED_SCHEMAS:
+            raise ValueError(f"source name {value!r} is a catalog schema DuckDB or the warehouse uses")
+        return value
 
     @field_validator("entity")
     @classmethod
@@ -252,6 +278,9 @@ class SourceConfig(_Strict):
                 )
             known.append(derived.name)
         _unique(known, "metric or derived")
+        shadowing = sorted(set(known) & RESERVED_COLUMNS)
+        if shadowing:
+            raise ValueError(f"metric or derived name(s) {shadowing} clash with the pipeline's table columns")
         if self.entity is not None:
             _check_entity(self.entity, self.columns, known)
         features = set(self.feature_columns)
@@ -315,6 +344,10 @@ RESERVED_COLUMNS = frozenset(
     | {"normalized", "is_anomaly", "top_feature", "direction", "attribution", "expected", "start", "end"}
     | {"buckets", "duration_minutes", "peak_bucket", "peak_score", "observed", "sample_events", "cold_start"}
 )
+
+
+# schemas a source's name (its catalog schema) must not take: DuckDB's own, and the warehouse's lineage
+RESERVED_SCHEMAS = frozenset({"main", "meta", "system", "temp", "information_schema", "pg_catalog"})
 
 
 def _check_entity(entity: str, columns: list[ColumnConfig], series: list[str]) -> None:

@@ -481,3 +481,37 @@ def test_source_config_is_frozen() -> None:
     with pytest.raises(ValueError):
         source.bucket_minutes = 5  # type: ignore[misc]
     assert source.bucket_minutes == 10
+
+
+def _with_detector(**change: Any) -> dict[str, Any]:
+    document = base_document()
+    document["detectors"][2] = {**document["detectors"][2], **change}  # iqr, not in the ensemble
+    return document
+
+
+def _with_metric(name: str) -> dict[str, Any]:
+    document = base_document()
+    document["metrics"][2] = {**document["metrics"][2], "name": name}
+    document["derived"] = []
+    document["lags"] = [1]
+    document["detectors"] = [{"name": "iqr", "kind": "iqr", "features": ["users"]}]
+    document["ensemble"] = {}
+    return document
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (_with_detector(kind="iqrr"), "unknown detector kind 'iqrr'"),
+        (_with_detector(params={"n_estimator": 50}), "no parameter(s) ['n_estimator']"),
+        (_with_detector(features=[]), "at least 1 item"),
+        ({**base_document(), "name": "System"}, "catalog schema"),
+        (_with_metric("score"), "['score'] clash with the pipeline's table columns"),
+        (_with_metric("date"), "['date'] clash"),
+        ({**base_document(), "checks": {"min_alert_rate": 0.3, "max_alert_rate": 0.2}}, "no day could pass"),
+    ],
+)
+def test_mistakes_that_used_to_fail_a_run_fail_the_load(tmp_path: Path, document: dict, message: str) -> None:
+    """Each of these loaded, then failed a run after ingest had written its day (or never passed a check)."""
+    path, error = config_error(tmp_path, document)
+    assert str(path) in error and message in error
