@@ -86,8 +86,14 @@ class Stage:
 
 
 def _write(
-    context: StageContext, asset: str, frames: dict[date, pd.DataFrame], upstream: list[Upstream]
+    context: StageContext,
+    asset: str,
+    frames: dict[date, pd.DataFrame],
+    upstream: list[Upstream],
+    also_read: dict[date, list[tuple[str, date]]] | None = None,
 ) -> AssetOutput:
+    """Write each day's frame with its lineage: the ``upstream`` windows, plus any partitions that day
+    read beyond them (``also_read``)."""
     written = [
         context.warehouse.write_partition(
             context.source.name,
@@ -98,7 +104,8 @@ def _write(
                 (dependency.asset, upstream_day)
                 for dependency in upstream
                 for upstream_day in dependency.days(day)
-            ],
+            ]
+            + (also_read or {}).get(day, []),
         )
         for day, frame in sorted(frames.items())
     ]
@@ -487,22 +494,33 @@ def _peak_samples(
     return samples
 
 
-def _flagged_day_before(
+def _flagged_days_before(
     warehouse: Warehouse, source: SourceConfig, day: date, anomalies: dict[date, pd.DataFrame]
-) -> pd.DataFrame | None:
-    """The day before's flagged buckets (from this run, else the warehouse), where an incident that
-    runs on over midnight starts."""
-    before = day - timedelta(days=1)
-    if before in anomalies:
-        return anomalies[before]
-    if warehouse.partition_file(source.name, "anomalies", before).exists():
-        return warehouse.read_partitions(source.name, "anomalies", [before])
-    return None
+) -> dict[date, pd.DataFrame]:
+    """The flagged buckets (from this run, else the warehouse) of the days an incident running on over
+    midnight into ``day`` may have started on: the day before, and further back for as long as a day's
+    flags reach its own midnight (a sensor stuck for days is one incident)."""
+    bucket = pd.Timedelta(minutes=source.bucket_minutes)
+    frames, earlier = {}, day
+    while True:
+        earlier -= timedelta(days=1)
+        if earlier in anomalies:
+            frame = anomalies[earlier]
+        elif warehouse.partition_file(source.name, "anomalies", earlier).exists():
+            frame = warehouse.read_partitions(source.name, "anomalies", [earlier])
+        else:
+            break
+        frames[earlier] = frame
+        reach = pd.Timestamp(earlier) + bucket * (source.incident_gap_buckets + 1)
+        if frame.empty or not (pd.DatetimeIndex(frame["bucket_start"]) < reach).any():
+            break
+    return dict(sorted(frames.items()))
 
 
 def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     anomalies, incidents = {}, {}
+    older: dict[date, list[tuple[str, date]]] = {}  # what an incident of over a day read before D-1
     bucket = pd.Timedelta(minutes=source.bucket_minutes)
     for day in days:
         scores = warehouse.read_partitions(source.name, "scores", [day])
@@ -514,10 +532,12 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
                 rows, features[entity], source.series_columns
             ),
         )
-        # an incident running on over midnight is merged with the day before's flags: the day's row has
-        # its true start, duration and peak, and says it continues the one reported the day before
-        before = _flagged_day_before(warehouse, source, day, anomalies)
-        flagged = anomalies[day] if before is None or before.empty else pd.concat([before, anomalies[day]])
+        # an incident running on over midnight is merged with the flags of the days it started on: the
+        # day's row has its true start, duration and peak, and says it continues the one reported before
+        before = _flagged_days_before(warehouse, source, day, anomalies)
+        older[day] = [("anomalies", earlier) for earlier in before if earlier < day - timedelta(days=1)]
+        before_flags = [frame for frame in before.values() if not frame.empty]
+        flagged = pd.concat([*before_flags, anomalies[day]]) if before_flags else anomalies[day]
         found = entities.per_entity(  # incidents never span two entities
             source,
             flagged.reset_index(drop=True),
@@ -528,11 +548,15 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
             found = found[found["end"] >= pd.Timestamp(day)].reset_index(drop=True)
         found["continued"] = found["start"] < pd.Timestamp(day) if "start" in found else pd.Series(dtype=bool)
         found["sample_events"] = _peak_samples(warehouse, source, found, bucket)
+        peaks = pd.DatetimeIndex(found["peak_bucket"]) if "peak_bucket" in found else pd.DatetimeIndex([])
+        older[day] += [
+            ("raw_events", peak) for peak in sorted(set(peaks.date)) if peak < day - timedelta(days=1)
+        ]
         incidents[day] = found
     incidents_reads = [Upstream("anomalies", -1, 0), Upstream("raw_events", -1, 0)]
     outputs = [
         _write(context, "anomalies", anomalies, [Upstream("scores"), Upstream("features")]),
-        _write(context, "incidents", incidents, incidents_reads),
+        _write(context, "incidents", incidents, incidents_reads, older),
     ]
     outputs[0].summary["flagged_buckets_in_run"] = sum(len(frame) for frame in anomalies.values())
     outputs[1].summary["incidents_in_run"] = sum(len(frame) for frame in incidents.values())

@@ -212,3 +212,40 @@ def test_an_incident_over_midnight_continues_on_the_next_day_with_its_true_start
     report = capsys.readouterr().out.splitlines()
     assert report[0] == "clickstream: 288 buckets, 1 incidents"  # the whole incident, once
     assert "2020-07-08 23:40:00 2020-07-09 00:10:00" in report[2]
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [[date(2020, 7, 8), date(2020, 7, 9), date(2020, 7, 10)]],
+        [[date(2020, 7, 8)], [date(2020, 7, 9)], [date(2020, 7, 10)]],
+    ],
+)
+def test_an_incident_longer_than_a_day_keeps_its_true_start(
+    tmp_path: Path, runs: list[list[date]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Flagged from 07-08 20:00 to 07-10 02:00: the third day used to see only the day before, so its row
+    started at 07-09 00:00 with 157 buckets, and the report listed the incident twice."""
+    source = load_sources()["clickstream"]
+    warehouse = Warehouse(tmp_path / "warehouse")
+    stuck = set(pd.date_range("2020-07-08 20:00", "2020-07-10 02:00", freq=BUCKET))
+    for days in runs:
+        for day in days:
+            write_scored_day(warehouse, source, day, stuck)
+    context = StageContext(source, warehouse, tmp_path / "landing", RunInfo("run", "v"))
+    for days in runs:
+        run_detect(context, days)
+    last = warehouse.read_partitions(source.name, "incidents", [date(2020, 7, 10)])
+    assert last[["start", "end", "buckets", "duration_minutes", "continued"]].values.tolist() == [
+        [pd.Timestamp("2020-07-08 20:00"), pd.Timestamp("2020-07-10 02:00"), 181, 1810, True]
+    ]
+    lineage = warehouse.query(
+        "SELECT upstream FROM meta.lineage WHERE asset = 'incidents' AND partition = '2020-07-10'"
+    )
+    read = {(entry["asset"], entry["partition"]) for entry in json.loads(lineage["upstream"].item())}
+    assert {
+        ("anomalies", "2020-07-08"),
+        ("raw_events", "2020-07-08"),
+    } <= read  # the start's and the peak's day
+    assert main(["report", "clickstream", "--warehouse", str(warehouse.root)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "clickstream: 432 buckets, 1 incidents"
