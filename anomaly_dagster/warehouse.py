@@ -53,6 +53,9 @@ from anomaly_dagster.storage import publish, remove_stale_temporaries, temporary
 
 CATALOG_FILE = "warehouse.duckdb"
 PART_FILE = "part.parquet"
+# assets written as a dated snapshot of the whole history (the evaluation as of its last scored day):
+# earlier snapshots stay on disk, the catalog view shows the newest
+SNAPSHOT_ASSETS = frozenset({"evaluation"})
 PARTITIONS_LOCK = ".partitions.lock"
 LOCK_TIMEOUT_SECONDS = 120.0
 
@@ -305,10 +308,12 @@ class Warehouse:
 
     def _refresh_view(self, connection: duckdb.DuckDBPyConnection, source: str, asset: str) -> None:
         pattern = str(self.asset_dir(source, asset) / "date=*" / PART_FILE)
+        files = f"read_parquet({quote_literal(pattern)}, hive_partitioning = true, union_by_name = true)"
+        newest = f" WHERE date = (SELECT max(date) FROM {files})" if asset in SNAPSHOT_ASSETS else ""
         connection.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(source)}")
         connection.execute(
             f"CREATE OR REPLACE VIEW {quote_identifier(source)}.{quote_identifier(asset)} AS "
-            f"SELECT * FROM read_parquet({quote_literal(pattern)}, hive_partitioning = true, union_by_name = true)"
+            f"SELECT * FROM {files}{newest}"
         )
 
     def query(self, sql: str, parameters: list | None = None) -> pd.DataFrame:

@@ -144,6 +144,18 @@ def test_record_creates_view_over_all_partitions(warehouse: Warehouse) -> None:
     ]
 
 
+def test_the_evaluation_view_shows_the_newest_snapshot_only(warehouse: Warehouse) -> None:
+    """Each evaluation covers every scored day and is stored under the last one: the view used to stack
+    every snapshot, so a detector had one row per evaluation ever run."""
+    for day, f1 in ((D1, 0.5), (D2, 0.8)):
+        snapshot = pd.DataFrame({"detector": ["ensemble", "rcf"], "f1": [f1, f1 - 0.1]})
+        warehouse.record([warehouse.write_partition("clickstream", "evaluation", day, snapshot)], RUN)
+    view = warehouse.query("SELECT detector, f1, date FROM clickstream.evaluation ORDER BY detector")
+    assert view[["detector", "f1"]].values.tolist() == [["ensemble", 0.8], ["rcf", pytest.approx(0.7)]]
+    assert {d.date() for d in pd.to_datetime(view["date"])} == {D2}
+    assert warehouse.existing_days("clickstream", "evaluation") == [D1, D2]  # earlier snapshots kept
+
+
 def test_lineage_has_one_row_per_asset_partition(warehouse: Warehouse) -> None:
     raw = [warehouse.write_partition("clickstream", "raw_events", day, frame(day, 3)) for day in (D1, D2)]
     warehouse.record(raw, RUN)
