@@ -226,7 +226,8 @@ class Warehouse:
                 continue
         if not tables:
             return pd.DataFrame()
-        return pa.concat_tables(tables, promote_options="default").to_pandas()
+        # permissive: a day written with microsecond timestamps reads with a nanosecond one
+        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
     @contextmanager
     def reading(self) -> Iterator[None]:

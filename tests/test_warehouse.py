@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from anomaly_dagster import warehouse as warehouse_module
+from anomaly_dagster.incidents import merge_incidents
 from anomaly_dagster.warehouse import CATALOG_FILE, RunInfo, Warehouse, file_checksum
 
 D1, D2, D3 = date(2020, 7, 7), date(2020, 7, 8), date(2020, 7, 9)
@@ -114,6 +115,17 @@ def test_read_partitions_with_evolving_columns(warehouse: Warehouse) -> None:
     got = warehouse.read_partitions("clickstream", "features", [D1, D2])
     assert list(got.columns) == ["bucket_start", "clicks", "extra"]
     assert got["extra"].isna().tolist() == [True, False]
+
+
+def test_read_partitions_across_a_day_with_no_rows_and_other_timestamp_units(warehouse: Warehouse) -> None:
+    """An empty incidents day (no rows: untyped text, microsecond times) read with a day of incidents
+    (nanosecond times) failed with ArrowTypeError: a multi-day read of incidents broke on a quiet day."""
+    quiet = merge_incidents(pd.DataFrame(), pd.Timedelta(minutes=10))
+    busy = frame(D2, 1).assign(start=lambda f: f["bucket_start"].astype("datetime64[ns]"), note="x")
+    warehouse.write_partition("clickstream", "incidents", D1, quiet)
+    warehouse.write_partition("clickstream", "incidents", D2, busy)
+    got = warehouse.read_partitions("clickstream", "incidents", [D1, D2])
+    assert len(got) == 1 and got["start"].iloc[0] == pd.Timestamp(D2) and got["note"].tolist() == ["x"]
 
 
 def test_read_missing_partitions_gives_empty_frame(warehouse: Warehouse) -> None:
