@@ -111,6 +111,14 @@ def train(
     return TrainedModel(detectors, thresholds, days, cold_start, training_scores)
 
 
+def _expected_json(expected: pd.DataFrame) -> list[str | None]:
+    """Each row's expected values as strict JSON: a feature without one (NaN: no band yet) is left out,
+    and a row with none is None (``json.dumps`` would write a bare NaN that JSON readers refuse)."""
+    rows = expected.round(6).to_dict(orient="records")
+    known = [{name: value for name, value in row.items() if np.isfinite(value)} for row in rows]
+    return [json.dumps(values) if values else None for values in known]
+
+
 def model_summary(source: SourceConfig, model: TrainedModel) -> pd.DataFrame:
     """One row per detector: what the ``model`` table shows in the catalog and the UI."""
     rows = []
@@ -169,11 +177,7 @@ def score(
                     "top_feature": np.asarray(detector.features)[top],
                     "direction": np.where(signed_top >= 0, "HIGH", "LOW"),
                     "attribution": [explanation_json(detector.features, row) for row in contributions],
-                    "expected": (
-                        [None] * len(features)
-                        if expected is None
-                        else [json.dumps(row) for row in expected.round(6).to_dict(orient="records")]
-                    ),
+                    "expected": [None] * len(features) if expected is None else _expected_json(expected),
                 }
             )
         )

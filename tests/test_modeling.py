@@ -169,3 +169,26 @@ def test_rows_with_a_missing_feature_do_not_lift_the_threshold():
         measured = model.training_scores["only"][features["users"].notna().to_numpy()]
         assert threshold == pytest.approx(measured.mean() + 3 * measured.std())
         assert model.detectors["only"].score(outlier)[0] > threshold
+
+
+def test_expected_values_are_strict_json_when_a_band_is_missing():
+    """A forecast band has no value before its first full context (a DeepAR cold start's first half):
+    ``expected`` held a bare NaN, which DuckDB's JSON functions and any strict reader refuse."""
+    source = SOURCE.model_copy(
+        update={
+            "detectors": [_only("seasonal_band", ["users", "clicks"])],
+            "ensemble": EnsembleConfig(detectors=["only"]),
+        }
+    )
+    features = _features(rows=3 * 144)
+    model = train(source, features, [DAY], False)
+    detector = model.detectors["only"]
+    quantiles = detector.quantiles.copy()
+    quantiles[:72, :, 0] = np.nan  # no band for users in the first half of the day
+    detector.quantiles = quantiles
+    scored = score(source, features.iloc[:144], model.detectors, {"only": model.thresholds["only"].value})
+    expected = scored.loc[scored["detector"] == "only", "expected"]
+    parsed = [
+        json.loads(text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}")) for text in expected
+    ]
+    assert set(parsed[0]) == {"clicks"} and set(parsed[100]) == {"users", "clicks"}
