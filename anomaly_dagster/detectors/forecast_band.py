@@ -158,12 +158,19 @@ class SeasonalBandDetector(BandDetector):
         if len(np.unique(days)) < 2:
             self.factors = widen_factors(values, self._raw(slots), self.coverage)
             return self
-        held_out = np.empty((3, *values.shape))
+        held_out = np.full((3, *values.shape), np.nan)  # NaN: a day with nothing to hold it against
         for day in np.unique(days):
             held = days == day
+            if not np.isfinite(values[~held]).all(axis=1).any():  # the other days had no data (an outage)
+                continue
             quantiles = self._profile(values[~held], slots[~held])
             held_out[:, held] = np.moveaxis(quantiles[slots[held]], 1, 0)
         self.factors = widen_factors(values, held_out, self.coverage)
+        # a feature no day could be held out for (its only data on one day) is calibrated in sample
+        held_for = (np.isfinite(values) & np.isfinite(held_out).all(axis=0)).any(axis=0)
+        if not held_for.all():
+            in_sample = widen_factors(values, self._raw(slots), self.coverage)
+            self.factors = np.where(held_for, self.factors, in_sample)
         return self
 
     def _profile(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:

@@ -69,6 +69,17 @@ def test_a_one_day_window_is_calibrated_in_sample() -> None:
     assert np.isfinite(detector.factors).all()
 
 
+def test_a_window_whose_other_day_had_no_data_still_trains() -> None:
+    """Two days, the second an outage (its means missing): holding the first day out left no rows to
+    fit a band on, and fitting raised. A feature that only one day has is calibrated in sample."""
+    window = daily_frame(2, seed=8)
+    window.loc[SLOTS:, ["clicks", "residual"]] = np.nan
+    detector = SeasonalBandDetector(FEATURES).fit(window)
+    alone = SeasonalBandDetector(FEATURES).fit(window.iloc[:SLOTS])
+    np.testing.assert_allclose(detector.factors[1:], alone.factors[1:])  # clicks and residual: in sample
+    assert np.isfinite(detector.factors).all() and (detector.score(window.iloc[:SLOTS]) == 0).mean() >= 0.99
+
+
 def test_days_come_from_bucket_start_when_there_is_one(training) -> None:
     stamped = training.assign(bucket_start=pd.date_range("2020-07-07", periods=len(training), freq="10min"))
     by_slot = SeasonalBandDetector(FEATURES).fit(training)
