@@ -50,16 +50,33 @@ def complete_buckets(source: SourceConfig, frames: dict[date, pd.DataFrame]) -> 
     return CheckOutcome(True, f"{source.buckets_per_day} buckets on each of {len(frames)} day(s){per_entity}")
 
 
-def events_present(source: SourceConfig, events: dict[date, int]) -> CheckOutcome:
-    """Every day has at least ``checks.min_events_per_day`` events: a day without input is missing
-    data (files not landed yet, a wrong landing folder), which would otherwise resample to an outage
-    of all-zero buckets and be learnt by the next models."""
-    least = source.checks.min_events_per_day
+def events_present(
+    source: SourceConfig, events: dict[date, int], history: dict[date, int] | None = None
+) -> CheckOutcome:
+    """Every day has at least ``checks.min_events_per_day`` events, and at least
+    ``checks.min_events_share`` of the median day among the ``training_days`` before it (``history``:
+    event counts per day already in the warehouse). A day without input is missing data (files not
+    landed yet, a wrong landing folder), which would otherwise resample to an outage of all-zero
+    buckets and be learnt by the next models; a missing file still leaves its day the few late events
+    that the next day's file carries, hence the relative floor."""
+    least, share = source.checks.min_events_per_day, source.checks.min_events_share
+    known = {**(history or {}), **events}
     per_day = {day.isoformat(): count for day, count in sorted(events.items())}
-    short = sorted(day for day, count in per_day.items() if count < least)
+    short = {}
+    for day, count in sorted(events.items()):
+        before = [known[d] for d in known if 1 <= (day - d).days <= source.training_days]
+        typical = float(np.median(before)) if before else 0.0
+        if count < least:
+            short[day.isoformat()] = f"{count} < {least}"
+        elif count < share * typical:
+            short[day.isoformat()] = f"{count} < {share:.0%} of the median day before it ({typical:.0f})"
     if short:
-        return CheckOutcome(False, f"fewer than {least} event(s) on {short}: missing input?", per_day)
-    return CheckOutcome(True, f"at least {least} event(s) on each of {len(per_day)} day(s)", per_day)
+        return CheckOutcome(False, f"too few events on {sorted(short)}: missing input? {short}", per_day)
+    return CheckOutcome(
+        True,
+        f"at least {least} event(s) and {share:.0%} of the median earlier day on each of {len(per_day)} day(s)",
+        per_day,
+    )
 
 
 def quarantine_rate(

@@ -252,6 +252,15 @@ class Warehouse:
             if (child / PART_FILE).exists()
         )
 
+    def row_counts(self, source: str, asset: str) -> dict[date, int]:
+        """Rows per recorded day of ``asset`` (from the lineage table; no Parquet is read)."""
+        if not self.catalog_path.exists():
+            return {}
+        counts = self.query(
+            "SELECT partition, row_count FROM meta.lineage WHERE source = ? AND asset = ?", [source, asset]
+        )
+        return {date.fromisoformat(day): int(rows) for day, rows in counts.itertuples(index=False)}
+
     # --- catalog -------------------------------------------------------------------------------
 
     @contextmanager

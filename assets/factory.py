@@ -25,7 +25,7 @@ from anomaly_dagster.pipeline import (
     run_evaluation,
 )
 from anomaly_dagster.sql import parse_day
-from anomaly_dagster.warehouse import RunInfo
+from anomaly_dagster.warehouse import RunInfo, Warehouse
 from resources.spark import SparkResource
 from resources.warehouse import WarehouseResource
 
@@ -33,7 +33,11 @@ PREVIEW_ROWS = 8
 ENGINE_STAGES = ("ingest", "resample")
 CHECKS: dict[str, tuple[str, str]] = {
     # asset: (check name, description)
-    "raw_events": ("events_present", "Every day has at least checks.min_events_per_day events."),
+    "raw_events": (
+        "events_present",
+        "Every day has at least checks.min_events_per_day events and checks.min_events_share of the "
+        "median day before it.",
+    ),
     "resampled": ("complete_buckets", "Every day has its full bucket grid: no gaps, no duplicates."),
     "quarantine": ("quarantine_rate", "Quarantined rows per day stay under checks.max_quarantine_rate."),
     "anomalies": ("alert_rate", "Flagged buckets per day stay within the configured alert-rate bounds."),
@@ -90,14 +94,16 @@ def _metadata(output: AssetOutput) -> dict[str, object]:
     return metadata
 
 
-def _check_results(source: SourceConfig, outputs: dict[str, AssetOutput]) -> Iterator[dg.AssetCheckResult]:
+def _check_results(
+    source: SourceConfig, outputs: dict[str, AssetOutput], warehouse: Warehouse
+) -> Iterator[dg.AssetCheckResult]:
     ingested = outputs.get("raw_events")
     events = {part.day: part.row_count for part in ingested.written} if ingested is not None else {}
     for asset, output in outputs.items():
         if asset not in CHECKS:
             continue
         if asset == "raw_events":
-            outcome = checks.events_present(source, events)
+            outcome = checks.events_present(source, events, warehouse.row_counts(source.name, "raw_events"))
             severity = dg.AssetCheckSeverity.ERROR
         elif asset == "resampled":
             outcome = checks.complete_buckets(source, output.frames)
@@ -172,7 +178,7 @@ def _stage_asset(
             yield dg.MaterializeResult(
                 asset_key=dg.AssetKey([source.name, asset]), metadata=_metadata(output)
             )
-        yield from _check_results(source, outputs)
+        yield from _check_results(source, outputs, stage_context.warehouse)
 
     return _materialize
 

@@ -98,15 +98,28 @@ def test_a_day_without_input_fails_its_events_check(generated_logs, tmp_path):
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     missing = evaluations["events_present"]
     assert not missing.passed and missing.severity == dg.AssetCheckSeverity.ERROR
-    assert missing.description == "fewer than 1 event(s) on ['2020-07-14']: missing input?"
+    assert missing.description == "too few events on ['2020-07-14']: missing input? {'2020-07-14': '0 < 1'}"
     assert evaluations["complete_buckets"].passed  # the grid alone cannot tell
 
 
 def test_the_events_check_can_be_off_for_a_log_that_may_be_silent_all_day():
     source = load_sources()["clickstream"]
-    silent = source.model_copy(update={"checks": source.checks.model_copy(update={"min_events_per_day": 0})})
-    assert checks.events_present(silent, {date(2020, 7, 14): 0}).passed
+    off = {"min_events_per_day": 0, "min_events_share": 0.0}
+    silent = source.model_copy(update={"checks": source.checks.model_copy(update=off)})
+    history = {date(2020, 7, 13): 28000}
+    assert checks.events_present(silent, {date(2020, 7, 14): 0}, history).passed
     assert not checks.events_present(source, {date(2020, 7, 14): 0, date(2020, 7, 15): 5}).passed
+
+
+def test_a_day_whose_file_never_landed_fails_although_late_events_reached_it():
+    """The next day's file carries a few late events of the missing day: 9 events passed a floor of 1,
+    and the day was scored (and learnt) as a whole-day outage."""
+    source = load_sources()["clickstream"]
+    history = {date(2020, 7, 7) + timedelta(days=k): 28000 + 500 * k for k in range(8)}  # in the warehouse
+    outcome = checks.events_present(source, {date(2020, 7, 15): 9, date(2020, 7, 16): 27000}, history)
+    assert not outcome.passed and "['2020-07-15']" in outcome.description
+    assert "9 < 10% of the median day before it (30000)" in outcome.description
+    assert checks.events_present(source, {date(2020, 7, 15): 9}).passed  # a first day has nothing to compare
 
 
 def test_raw_events_and_resampled_match_the_files(materialized, generated_logs):
