@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pandas as pd
 from anomaly_dagster import entities
 from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.features import day_buckets
+from anomaly_dagster.ingest import UNREADABLE_FILE
 from anomaly_dagster.modeling import ENSEMBLE
 
 
@@ -82,14 +84,22 @@ def events_present(
 def quarantine_rate(
     source: SourceConfig, events: dict[date, int], quarantined: dict[date, pd.DataFrame]
 ) -> CheckOutcome:
-    """Share of quarantined rows per day, against ``checks.max_quarantine_rate``."""
+    """Share of quarantined rows per day, against ``checks.max_quarantine_rate``; and no file that
+    could not be read at all, which is one quarantine row for a whole file's events."""
     limit = source.checks.max_quarantine_rate
-    rates = {}
+    rates, unreadable = {}, {}
     for day, count in sorted(events.items()):
-        bad = len(quarantined.get(day, ()))
+        rows = quarantined.get(day, pd.DataFrame(columns=["source_file", "reason"]))
+        bad = len(rows)
         rates[day.isoformat()] = bad / (count + bad) if count + bad else 0.0
+        lost = rows[rows["reason"].astype(str).str.startswith(UNREADABLE_FILE)]
+        if len(lost):
+            unreadable[day.isoformat()] = sorted(Path(name).name for name in lost["source_file"])
     worst = max(rates.values(), default=0.0)
-    return CheckOutcome(worst <= limit, f"worst quarantine rate {worst:.4%} (limit {limit:.2%})", rates)
+    description = f"worst quarantine rate {worst:.4%} (limit {limit:.2%})"
+    if unreadable:
+        description += f"; unreadable file(s), whose events are all lost: {unreadable}"
+    return CheckOutcome(worst <= limit and not unreadable, description, rates)
 
 
 def alert_rate(source: SourceConfig, anomalies: dict[date, pd.DataFrame]) -> CheckOutcome:

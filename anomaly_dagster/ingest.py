@@ -76,6 +76,8 @@ from anomaly_dagster.sql import quote_identifier, quote_literal
 from anomaly_dagster.storage import atomic_write_bytes
 
 QUARANTINE_COLUMNS = ["source_file", "line", "reason", "raw"]
+# the reason of the one quarantine row a file that cannot be read at all gets (it stands for the file)
+UNREADABLE_FILE = "unreadable file"
 TEXT_COLUMN = "_line_text"
 RAW_MAX_CHARS = 4096  # raw text kept per quarantine row
 SHOWN_MAX_CHARS = 64  # of a value echoed in a reason
@@ -639,7 +641,7 @@ def load_file(
     except (duckdb.Error, UnreadableFile) as error:
         connection.execute(f"CREATE OR REPLACE TEMP TABLE typed AS {_empty_typed(source)}")
         _clear_rejects(connection)
-        reason = f"unreadable file: {_first_line(error)}"
+        reason = f"{UNREADABLE_FILE}: {_first_line(error)}"
         return False, pd.DataFrame([{"source_file": str(path), "line": None, "reason": reason, "raw": None}])
     numbering = {"line": lines.line, "controls": lines.controls} if lines is not None else {}
     typed = _typed_sql(source, path, kind, every_raw=every_raw, **numbering)

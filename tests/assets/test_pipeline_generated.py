@@ -244,3 +244,25 @@ def test_scores_explain_each_feature_like_kinesis(materialized):
         observable = {name: item for name, item in explained.items() if not name.startswith("tod_")}
         strongest = max(observable, key=lambda name: observable[name]["strength"])
         assert (row.top_feature, row.direction) == (strongest, observable[strongest]["direction"])
+
+
+def test_an_unreadable_file_fails_the_quarantine_check_whatever_the_rate():
+    """A truncated file is one quarantine row standing for all its events: 1 row against 28,000 events
+    passed a 1% limit while a producer's whole day was lost."""
+    source = load_sources()["clickstream"]
+    day = date(2020, 7, 8)
+    lost = pd.DataFrame(
+        {
+            "source_file": ["/landing/clicks_b_2020-07-08.csv.gz", "/landing/clicks_2020-07-08.csv.gz"],
+            "line": [None, 17],
+            "reason": ["unreadable file: end-of-stream marker was not found", "too many columns"],
+            "raw": [None, "a,b,c,d,e"],
+        }
+    )
+    outcome = checks.quarantine_rate(source, {day: 28000}, {day: lost})
+    assert not outcome.passed
+    assert (
+        "unreadable file(s), whose events are all lost: {'2020-07-08': ['clicks_b_2020-07-08.csv.gz']}"
+        in (outcome.description)
+    )
+    assert checks.quarantine_rate(source, {day: 28000}, {day: lost.iloc[1:]}).passed
