@@ -59,6 +59,8 @@ SNAPSHOT_ASSETS = frozenset({"evaluation"})
 PARTITIONS_LOCK = ".partitions.lock"
 LOCK_TIMEOUT_SECONDS = 120.0
 
+# the root the catalog's views read from: a warehouse copied or moved elsewhere rebuilds them on first use
+ROOT_DDL = "CREATE TABLE IF NOT EXISTS meta.catalog_root (root VARCHAR NOT NULL)"
 LINEAGE_DDL = """
 CREATE TABLE IF NOT EXISTS meta.lineage (
     source VARCHAR NOT NULL,
@@ -290,8 +292,7 @@ class Warehouse:
         recorded = []
         with self._catalog_writer() as connection:
             connection.execute("BEGIN TRANSACTION")
-            connection.execute("CREATE SCHEMA IF NOT EXISTS meta")
-            connection.execute(LINEAGE_DDL)
+            self._prepare(connection)
             for source, asset in sorted({(part.source, part.asset) for part in partitions}):
                 self._refresh_view(connection, source, asset)
             for part in partitions:
@@ -307,7 +308,7 @@ class Warehouse:
                         run.code_version,
                         json.dumps(_upstream_versions(connection, part)),
                         part.row_count,
-                        str(part.path),
+                        str(part.path.relative_to(self.root)),  # relative: the warehouse may move
                         part.checksum,
                         now,
                     ],
@@ -315,6 +316,20 @@ class Warehouse:
                 recorded.append(part)
             connection.execute("COMMIT")
         return recorded
+
+    def _prepare(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """The meta tables, and every view pointed at this root (inside a writer's transaction)."""
+        connection.execute("CREATE SCHEMA IF NOT EXISTS meta")
+        connection.execute(LINEAGE_DDL)
+        connection.execute(ROOT_DDL)
+        if _catalog_root(connection) != str(self.root):
+            views = connection.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'VIEW'"
+            ).fetchall()
+            for source, asset in views:
+                self._refresh_view(connection, source, asset)
+            connection.execute("DELETE FROM meta.catalog_root")
+            connection.execute("INSERT INTO meta.catalog_root VALUES (?)", [str(self.root)])
 
     def _refresh_view(self, connection: duckdb.DuckDBPyConnection, source: str, asset: str) -> None:
         pattern = str(self.asset_dir(source, asset) / "date=*" / PART_FILE)
@@ -327,8 +342,16 @@ class Warehouse:
         )
 
     def query(self, sql: str, parameters: list | None = None) -> pd.DataFrame:
-        """Run a read-only query against the catalog (views and lineage)."""
+        """Run a read-only query against the catalog (views and lineage). A catalog copied or moved
+        from another root first has its views pointed here (they would read the original's files)."""
         connection = _connect_with_retry(self.catalog_path, read_only=True)
+        if _catalog_root(connection) not in (str(self.root), None):
+            connection.close()
+            with self._catalog_writer() as writer:
+                writer.execute("BEGIN TRANSACTION")
+                self._prepare(writer)
+                writer.execute("COMMIT")
+            connection = _connect_with_retry(self.catalog_path, read_only=True)
         try:
             with self.reading():
                 return connection.execute(sql, parameters or []).df()
@@ -355,7 +378,7 @@ class Warehouse:
         audit = CatalogAudit()
         recorded = set()
         for row in lineage.itertuples(index=False):
-            path = Path(row.path)
+            path = self.root / row.path  # relative to the root (absolute in catalogs written before)
             recorded.add(path)
             if not path.exists():
                 audit.missing_files.append((row.source, row.asset, row.partition))
@@ -387,6 +410,15 @@ def _superseded(part: WrittenPartition) -> bool:
         return file_identity(part.path) != part.identity
     except FileNotFoundError:
         return True
+
+
+def _catalog_root(connection: duckdb.DuckDBPyConnection) -> str | None:
+    """The root the catalog's views were built for; None before anything was recorded."""
+    known = connection.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'meta' AND table_name = 'catalog_root'"
+    ).fetchone()[0]
+    row = connection.execute("SELECT root FROM meta.catalog_root").fetchone() if known else None
+    return row[0] if row else None
 
 
 def _upstream_versions(connection: duckdb.DuckDBPyConnection, part: WrittenPartition) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import date
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def test_record_creates_view_over_all_partitions(warehouse: Warehouse) -> None:
     )
     assert tables.values.tolist() == [
         ["clickstream", "resampled", "VIEW"],
+        ["meta", "catalog_root", "BASE TABLE"],
         ["meta", "lineage", "BASE TABLE"],
     ]
 
@@ -177,8 +179,22 @@ def test_lineage_has_one_row_per_asset_partition(warehouse: Warehouse) -> None:
         ["clickstream", "raw_events", "2020-07-08", "run-1", "v1", 3],
     ]
     assert table["checksum"].tolist() == [part.checksum for part in raw]
-    assert table["path"].tolist() == [str(part.path) for part in raw]
+    assert table["path"].tolist() == [str(part.path.relative_to(warehouse.root)) for part in raw]
     assert table["materialized_at"].notna().all()
+
+
+def test_a_copied_warehouse_reads_its_own_files(warehouse: Warehouse, tmp_path: Path) -> None:
+    """A backup restored elsewhere: its views and lineage named the original's files, so it reported
+    the original's rows and failed once the original was gone."""
+    parts = [warehouse.write_partition("clickstream", "raw_events", day, frame(day, 3)) for day in (D1, D2)]
+    warehouse.record(parts, RUN)
+    copy = Warehouse(tmp_path / "restored")
+    shutil.copytree(warehouse.root, copy.root)
+    shutil.rmtree(warehouse.root)
+    assert copy.query("SELECT count(*) AS n FROM clickstream.raw_events")["n"].item() == 6
+    assert copy.audit().consistent
+    copy.record([copy.write_partition("clickstream", "raw_events", D3, frame(D3, 2))], RUN)
+    assert copy.query("SELECT count(*) AS n FROM clickstream.raw_events")["n"].item() == 8
 
 
 def test_rerecording_a_partition_upserts(warehouse: Warehouse) -> None:
