@@ -639,7 +639,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train",
         ("model",),
-        lambda s: (Upstream("features", -s.training_days, 0),),
+        lambda s: (Upstream("features", -s.training_days, -1),),  # and day D itself on a cold start
         run_train,
         "Walk-forward detectors and thresholds.",
     ),

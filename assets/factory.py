@@ -48,7 +48,14 @@ def daily_partitions(source: SourceConfig) -> dg.DailyPartitionsDefinition:
     return dg.DailyPartitionsDefinition(start_date=source.start_date.isoformat())
 
 
-def _earlier_days_note(upstreams: tuple[Upstream, ...]) -> str:
+# what a day reads beyond its stage's fixed windows, for the same notes
+EXTRA_READS = {
+    "model": "features D (a cold start: no earlier day, or a new entity)",
+    "incidents": "anomalies D-1 and any earlier day an incident runs on through, raw_events of each peak's day",
+}
+
+
+def _earlier_days_note(upstreams: tuple[Upstream, ...], asset: str) -> str:
     """Say in the UI which earlier days a day also reads: Dagster's graph declares only the same day.
 
     Declaring the offsets (``TimeWindowPartitionMapping``) makes Dagster widen a range launched from
@@ -61,7 +68,7 @@ def _earlier_days_note(upstreams: tuple[Upstream, ...]) -> str:
         f"{upstream.asset} D{upstream.start_offset:+d}..D{upstream.end_offset:+d}"
         for upstream in upstreams
         if (upstream.start_offset, upstream.end_offset) != (0, 0)
-    ]
+    ] + ([EXTRA_READS[asset]] if asset in EXTRA_READS else [])
     return f" Day D reads {', '.join(notes)} (exact days in meta.lineage)." if notes else ""
 
 
@@ -138,7 +145,7 @@ def _stage_asset(
         dg.AssetSpec(
             key=[source.name, asset],
             deps=deps,
-            description=ASSET_DESCRIPTIONS[asset] + _earlier_days_note(upstreams),
+            description=ASSET_DESCRIPTIONS[asset] + _earlier_days_note(upstreams, asset),
             group_name=source.name,
             kinds={_engine_kind(source, stage), "parquet"},
             code_version=__version__,

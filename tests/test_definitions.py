@@ -43,6 +43,14 @@ def test_code_location_defines_the_clickstream_chain():
         "alert_rate",
         "stream_vs_batch",
     }
+    descriptions = {key.path[1]: graph.get(key).description for key in graph.get_all_asset_keys()}
+    # the UI names the earlier days a day reads (Dagster's graph declares the same day only); the model
+    # said D-7..D+0, which reads as training on the scored day, and incidents named none
+    assert "Day D reads features D-7..D-1, features D (a cold start" in descriptions["model"]
+    assert (
+        "Day D reads anomalies D-1 and any earlier day an incident runs on through"
+        in descriptions["incidents"]
+    )
     assert defs.resolve_job_def("clickstream_pipeline")
     assert defs.resolve_schedule_def("clickstream_daily").cron_schedule == "30 0 * * *"
     assert defs.resolve_sensor_def("clickstream_landing")
