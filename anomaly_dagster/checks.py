@@ -52,28 +52,35 @@ def complete_buckets(source: SourceConfig, frames: dict[date, pd.DataFrame]) -> 
     return CheckOutcome(True, f"{source.buckets_per_day} buckets on each of {len(frames)} day(s){per_entity}")
 
 
+def short_days(source: SourceConfig, counts: dict[date, int]) -> dict[date, str]:
+    """The days of ``counts`` (events per day) with fewer than ``checks.min_events_per_day`` events, or
+    than ``checks.min_events_share`` of the median of the ``training_days`` before them, and why."""
+    least, share = source.checks.min_events_per_day, source.checks.min_events_share
+    short = {}
+    for day, count in sorted(counts.items()):
+        before = [counts[d] for d in counts if 1 <= (day - d).days <= source.training_days]
+        typical = float(np.median(before)) if before else 0.0
+        if count < least:
+            short[day] = f"{count} < {least}"
+        elif count < share * typical:
+            short[day] = f"{count} < {share:.0%} of the median day before it ({typical:.0f})"
+    return short
+
+
 def events_present(
     source: SourceConfig, events: dict[date, int], history: dict[date, int] | None = None
 ) -> CheckOutcome:
-    """Every day has at least ``checks.min_events_per_day`` events, and at least
-    ``checks.min_events_share`` of the median day among the ``training_days`` before it (``history``:
-    event counts per day already in the warehouse). A day without input is missing data (files not
-    landed yet, a wrong landing folder), which would otherwise resample to an outage of all-zero
-    buckets and be learnt by the next models; a missing file still leaves its day the few late events
-    that the next day's file carries, hence the relative floor."""
+    """The run's days (``events``; ``history``: counts already in the warehouse) are not
+    :func:`short_days`. A day without input is missing data (files not landed yet, a wrong landing
+    folder), which would otherwise resample to an outage of all-zero buckets; a missing file still
+    leaves its day the few late events that the next day's file carries, hence the relative floor.
+    The models leave such days out of their training windows."""
     least, share = source.checks.min_events_per_day, source.checks.min_events_share
-    known = {**(history or {}), **events}
+    short = short_days(source, {**(history or {}), **events})
     per_day = {day.isoformat(): count for day, count in sorted(events.items())}
-    short = {}
-    for day, count in sorted(events.items()):
-        before = [known[d] for d in known if 1 <= (day - d).days <= source.training_days]
-        typical = float(np.median(before)) if before else 0.0
-        if count < least:
-            short[day.isoformat()] = f"{count} < {least}"
-        elif count < share * typical:
-            short[day.isoformat()] = f"{count} < {share:.0%} of the median day before it ({typical:.0f})"
-    if short:
-        return CheckOutcome(False, f"too few events on {sorted(short)}: missing input? {short}", per_day)
+    failed = {day.isoformat(): why for day, why in short.items() if day in events}
+    if failed:
+        return CheckOutcome(False, f"too few events on {sorted(failed)}: missing input? {failed}", per_day)
     return CheckOutcome(
         True,
         f"at least {least} event(s) and {share:.0%} of the median earlier day on each of {len(per_day)} day(s)",

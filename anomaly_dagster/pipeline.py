@@ -20,7 +20,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from anomaly_dagster import entities, ingest, modeling, plots
+from anomaly_dagster import checks, entities, ingest, modeling, plots
 from anomaly_dagster.config import SourceConfig, stage_engine
 from anomaly_dagster.detectors import load_detectors, save_detectors
 from anomaly_dagster.evaluation import evaluation_table, precision_recall_curve, source_labels
@@ -300,7 +300,9 @@ def model_path(warehouse: Warehouse, source: SourceConfig, day: date) -> Path:
 
 def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
-    available = warehouse.existing_days(source.name, "features")
+    # a day whose input is missing (events_present fails) is not learnt as normal by the next models
+    short = checks.short_days(source, warehouse.row_counts(source.name, "raw_events"))
+    available = [day for day in warehouse.existing_days(source.name, "features") if day not in short]
     labels = source_labels(source, context.landing_dir) if modeling.needs_labels(source) else None
     frames, written, untrained = {}, [], {}
     for day in days:

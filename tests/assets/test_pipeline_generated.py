@@ -15,7 +15,9 @@ import pytest
 from anomaly_dagster import checks
 from anomaly_dagster.config import load_sources
 from anomaly_dagster.definitions import build_definitions
-from anomaly_dagster.warehouse import Warehouse
+from anomaly_dagster.generate import generate_clickstream
+from anomaly_dagster.pipeline import StageContext, run_window
+from anomaly_dagster.warehouse import RunInfo, Warehouse
 
 DAYS = [date(2020, 7, 7) + timedelta(days=offset) for offset in range(4)]
 ASSETS = ["raw_events", "quarantine", "resampled", "features", "model", "scores", "anomalies", "incidents"]
@@ -266,3 +268,19 @@ def test_an_unreadable_file_fails_the_quarantine_check_whatever_the_rate():
         in (outcome.description)
     )
     assert checks.quarantine_rate(source, {day: 28000}, {day: lost.iloc[1:]}).passed
+
+
+def test_the_next_models_do_not_learn_a_day_whose_file_never_landed(tmp_path):
+    """07-08's file is missing; the next file's late events leave it a handful. The model of 07-09 used
+    to train on that day as if the site had been down all day."""
+    generated = generate_clickstream(tmp_path / "landing", days=3, start=date(2020, 7, 7), seed=3)
+    missing = next(path for path in generated.files if "2020-07-08" in path.name)
+    missing.unlink()
+    source = load_sources()["clickstream"]
+    warehouse = Warehouse(tmp_path / "warehouse")
+    context = StageContext(source, warehouse, tmp_path / "landing", RunInfo("test", "0"))
+    outputs = run_window(context, [date(2020, 7, 7), date(2020, 7, 8), date(2020, 7, 9)])
+    counts = warehouse.row_counts("clickstream", "raw_events")
+    assert 0 < counts[date(2020, 7, 8)] < 0.1 * counts[date(2020, 7, 7)]  # late events only
+    model = outputs["model"].frames[date(2020, 7, 9)]
+    assert set(model["training_start"]) == set(model["training_end"]) == {date(2020, 7, 7)}
