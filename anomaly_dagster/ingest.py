@@ -455,7 +455,11 @@ def _csv_header(path: Path) -> list[str]:
         )
     if any(ord(char) < 32 and char not in "\t\r\n" for char in text):
         raise UnreadableFile("binary content where a CSV header was expected")
-    return [name.strip() for name in next(csv.reader([text]))]
+    try:
+        names = next(csv.reader([text]))
+    except csv.Error as error:  # e.g. bare carriage returns (old Mac line ends) inside the line
+        raise UnreadableFile(f"cannot read a CSV header: {error}") from None
+    return [name.strip() for name in names]
 
 
 def _require_columns(source: SourceConfig, path: Path, present: set[str]) -> None:
@@ -524,7 +528,7 @@ def _typed_sql(
     iso = f"try_cast(CASE WHEN regexp_full_match(__ts, {quote_literal(ISO_TIMESTAMP)}) THEN {offset_joined} END AS TIMESTAMPTZ)"
     offset_hours = r"regexp_extract(__ts, ':\d{2}(?:\.\d+)?\s*([+-]\d{2})(?::?\d{2})*$', 1)"
     configured = f"try_strptime(__ts, {quote_literal(fmt)})"
-    if zone == "UTC" and "%z" not in fmt:  # the zone conversions of a naive UTC time are the identity
+    if zone == "UTC" and "%z" not in fmt and "%Z" not in fmt:  # a naive UTC time needs no conversion
         parsed = f"coalesce({configured}, timezone('UTC', {iso}))"
     else:
         parsed = f"timezone('UTC', coalesce(timezone({quote_literal(zone)}, {configured}), {iso}))"

@@ -509,20 +509,26 @@ def test_truncated_gzip_is_quarantined_as_a_file_and_others_go_on(
     garbage.write_bytes(bytes(range(256)) * 8)
     empty = landing / "clicks_empty.jsonl.gz"
     empty.write_bytes(b"\x1f\x8b\x08\x00broken")
-    for path in (truncated, garbage, empty):
+    old_mac = landing / "clicks_old_mac.csv"  # bare CR line ends: the csv module raised, failing every file
+    old_mac.write_bytes(b"timestamp,page,user\r2020-07-07 10:00:00,p1,u1\r2020-07-07 10:01:00,p1,u2\r")
+    for path in (truncated, garbage, empty, old_mac):
         set_mtime(path, datetime(2020, 7, 7, 12, 0))
 
     entries, window = index_and_ingest(source, landing, [DAY1])
     by_name = {Path(entry.path).name: entry for entry in entries}
-    for name in ["clicks_truncated.csv.gz", "clicks_garbage.csv", "clicks_empty.jsonl.gz"]:
+    unreadable = [
+        "clicks_truncated.csv.gz",
+        "clicks_garbage.csv",
+        "clicks_empty.jsonl.gz",
+        "clicks_old_mac.csv",
+    ]
+    for name in unreadable:
         assert by_name[name].days == []
         assert by_name[name].home_day == "2020-07-07"  # the modification day
     assert by_name["clicks_good.csv"].days == ["2020-07-07"]
 
     quarantine = window.quarantine[DAY1]
-    assert sorted(Path(name).name for name in quarantine["source_file"]) == sorted(
-        ["clicks_truncated.csv.gz", "clicks_garbage.csv", "clicks_empty.jsonl.gz"]
-    )
+    assert sorted(Path(name).name for name in quarantine["source_file"]) == sorted(unreadable)
     assert quarantine["line"].isna().all()
     assert quarantine["reason"].str.startswith("unreadable file: ").all()
     events = events_of(window, DAY1)
@@ -619,6 +625,26 @@ def test_iso_timestamps_with_offsets_become_naive_utc(tmp_path: Path, source: So
         "u5": pd.Timestamp("2020-07-08 03:45:00"),
     }
     assert sorted(events_of(window, DAY2)["user"]) == ["u2", "u5"]
+
+
+def test_a_zone_name_in_the_format_still_gives_naive_utc(tmp_path: Path, source: SourceConfig) -> None:
+    """With %Z in the format and timezone UTC the column came out as TIMESTAMPTZ, which the resample
+    joined against its naive grid in the host's zone: on a New York host it shifted and lost events."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "clicks.csv").write_text(
+        "timestamp,page,user\n2020-07-07 02:05:00 UTC,p,u1\n2020-07-07 10:05:00 UTC,p,u2\n"
+    )
+    zoned = source.model_copy(
+        update={"timestamp": source.timestamp.model_copy(update={"format": "%Y-%m-%d %H:%M:%S %Z"})}
+    )
+    _, window = index_and_ingest(zoned, landing, [DAY1])
+    events = events_of(window, DAY1)
+    assert events["timestamp"].dt.tz is None
+    assert events["timestamp"].tolist() == [
+        pd.Timestamp("2020-07-07 02:05"),
+        pd.Timestamp("2020-07-07 10:05"),
+    ]
 
 
 def test_source_timezone_converts_local_times_to_utc(tmp_path: Path, source: SourceConfig) -> None:
