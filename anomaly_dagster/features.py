@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from anomaly_dagster.config import SourceConfig, evaluate_expression
+from anomaly_dagster.config import DerivedConfig, SourceConfig, evaluate_expression
 
 
 def day_buckets(source: SourceConfig, day: date) -> pd.DatetimeIndex:
@@ -27,9 +28,16 @@ def add_derived(source: SourceConfig, frame: pd.DataFrame) -> pd.DataFrame:
     result = frame.copy()
     for derived in source.derived:
         columns = {name: result[name].astype(np.float64) for name in result.columns}
-        values = np.asarray(evaluate_expression(derived.expression, columns), dtype=np.float64)
-        result[derived.name] = np.where(np.isfinite(values), values, np.nan)
+        result[derived.name] = derived_values(derived, columns)
     return result
+
+
+def derived_values(derived: DerivedConfig, columns: dict[str, Any]) -> np.ndarray:
+    """``derived``'s expression over ``columns``, with every non-finite value missing (NaN): the one
+    rule of :func:`add_derived`, shared with the stream."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.asarray(evaluate_expression(derived.expression, columns), dtype=np.float64)
+    return np.where(np.isfinite(values), values, np.nan)
 
 
 def build_features(source: SourceConfig, day: date, resampled: pd.DataFrame) -> pd.DataFrame:

@@ -91,13 +91,12 @@ from anomaly_dagster.config import (
     ConfigError,
     SourceConfig,
     StreamingConfig,
-    evaluate_expression,
     load_sources,
     warehouse_dir,
 )
 from anomaly_dagster.detectors import Detector, detector_class, load_detectors
-from anomaly_dagster.detectors.rcf import RandomCutForest, RCFDetector, fold_attribution
-from anomaly_dagster.features import add_derived
+from anomaly_dagster.detectors.rcf import RandomCutForest, RCFDetector, float32_finite, fold_attribution
+from anomaly_dagster.features import add_derived, derived_values
 from anomaly_dagster.ingest import (
     RAW_MAX_CHARS,
     TEXT_COLUMN,
@@ -909,11 +908,8 @@ class StreamScorer:
             name: np.array([window.metrics[name] for window in closed], dtype=np.float64)
             for name in source.metric_names
         }
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for derived in source.derived:
-                columns[derived.name] = np.asarray(
-                    evaluate_expression(derived.expression, columns), np.float64
-                )
+        for derived in source.derived:
+            columns[derived.name] = derived_values(derived, columns)
         series = np.column_stack([columns[name] for name in source.series_columns])
         joined = np.vstack([self.history, series])
         if self.max_lag:
@@ -1007,7 +1003,7 @@ class StreamScorer:
         scores = np.zeros(len(points))
         signed = np.zeros_like(points)
         for index, point in enumerate(points):
-            if not np.isfinite(point).all():
+            if not float32_finite(point).all():
                 continue
             history = np.array(self.recent) if forest.shingle_size > 1 else None
             folded = fold_attribution(forest.attribution(point[None, :], history), forest.shingle_size)[0]

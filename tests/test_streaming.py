@@ -24,7 +24,14 @@ import pandas as pd
 import pytest
 
 from anomaly_dagster import cli, ingest, streaming
-from anomaly_dagster.config import SourceConfig, load_sources
+from anomaly_dagster.config import (
+    DerivedConfig,
+    DetectorConfig,
+    EnsembleConfig,
+    MetricConfig,
+    SourceConfig,
+    load_sources,
+)
 from anomaly_dagster.definitions import build_definitions
 from anomaly_dagster.pipeline import resample_sql
 from anomaly_dagster.streaming import (
@@ -764,3 +771,75 @@ def test_an_open_windows_column_counts_survive_a_checkpoint():
     restored = streaming.WindowStore(source, 5)
     restored.restore(*store.state())
     assert [window.metrics for window in restored.close_all()] == [{"orders": 7, "paid": 4}]
+
+
+def test_a_derived_division_by_zero_is_missing_as_in_batch(tmp_path):
+    """clicks / sessions in a window without session ids: the stream kept inf, which a z-score turned into
+    a score of 1.8e308 and a flag; batch makes it missing and scores 0."""
+    source = SOURCE.model_copy(
+        update={
+            "metrics": [
+                MetricConfig(name="clicks", agg="count"),
+                MetricConfig(name="sessions", agg="nunique", column="session_id"),
+            ],
+            "derived": [DerivedConfig(name="per_session", expression="clicks / sessions")],
+            "lags": [1],
+            "detectors": [
+                DetectorConfig(
+                    name="z",
+                    kind="robust_zscore",
+                    features=["per_session"],
+                    params={"time_of_day_window": None},
+                )
+            ],
+            "ensemble": EnsembleConfig(detectors=["z"], min_votes=1),
+        }
+    )
+    lines = []
+    for minute in range(180):
+        stamp = (START + timedelta(minutes=minute)).strftime("%Y-%m-%d %H:%M:%S")
+        silent = 120 <= minute < 130  # 02:00-02:10: clicks without session ids
+        lines += [
+            json.dumps(
+                {
+                    "timestamp": stamp,
+                    "page": "p",
+                    "user": "u",
+                    **({} if silent else {"session_id": f"s{minute % 3}"}),
+                }
+            )
+        ]
+    rows, _ = run_file(tmp_path, lines, StreamingConfig(warmup_windows=6), source=source)
+    window = next(row for row in rows if row["window_start"] == "2020-07-15T02:00:00Z")
+    assert window["per_session"] is None and window["score"] == 0.0 and not window["is_anomaly"]
+
+
+def test_a_value_beyond_float32_is_a_gap_for_the_forest_not_a_crash(tmp_path):
+    """An amount of 1e42 (a valid float64) made the forest raise on every run at the same window."""
+    source = orders_source({"name": "revenue", "agg": "sum", "column": "amount"}).model_copy(
+        update={
+            "detectors": [
+                DetectorConfig(
+                    name="rcf",
+                    kind="rcf",
+                    features=["orders", "revenue"],
+                    params={"num_trees": 10, "sample_size": 32},
+                )
+            ],
+            "ensemble": EnsembleConfig(),
+        }
+    )
+    lines = [
+        json.dumps(
+            {
+                "timestamp": (START + timedelta(minutes=m)).strftime("%Y-%m-%d %H:%M:%S"),
+                "user": "u",
+                "amount": 1e42 if m == 150 else 5.0,
+            }
+        )
+        for m in range(180)
+    ]
+    rows, _ = run_file(tmp_path, lines, StreamingConfig(warmup_windows=6), source=source)
+    assert len(rows) == 18
+    window = next(row for row in rows if row["window_start"] == "2020-07-15T02:30:00Z")
+    assert window["score"] == 0.0

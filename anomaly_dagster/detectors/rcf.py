@@ -1231,6 +1231,12 @@ def _in_threads(work: Callable[[int, int], object], count: int, threads: int) ->
 # ------------------------------------------------------------------------------------------- public API
 
 
+def float32_finite(values: np.ndarray) -> np.ndarray:
+    """Which values a forest can take: finite, and finite in float32 (1e42 is a float64, not a float32)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.isfinite(values) & (np.abs(values) <= np.finfo(np.float32).max)
+
+
 def fold_attribution(attribution: np.ndarray, shingle_size: int) -> np.ndarray:
     """Sum a shingled (n, s*d, 2) attribution over shingle positions to (n, d, 2) per raw dimension."""
     n, width, _ = attribution.shape
@@ -1543,7 +1549,7 @@ class RCFDetector(Detector):
 
     def _finite_rows(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         values = self.matrix(frame) / self.scale
-        return values, np.isfinite(values).all(axis=1)
+        return values, float32_finite(values).all(axis=1)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays, meta = self.forest.state()
