@@ -35,6 +35,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _strptime_problem(fmt: str) -> str | None:
+    """DuckDB's complaint about ``fmt``, if any (its own frame, so no connection outlives the check)."""
+    import duckdb
+
+    try:
+        with duckdb.connect() as connection:
+            connection.execute("SELECT try_strptime('2000-01-01', ?)", [fmt])
+    except duckdb.Error as error:
+        return str(error)
+    return None
+
+
 class TimestampConfig(_Strict):
     column: Identifier = "timestamp"
     format: str = "%Y-%m-%d %H:%M:%S"
@@ -44,6 +56,15 @@ class TimestampConfig(_Strict):
     @classmethod
     def _column(cls, value: str) -> str:
         return validate_identifier(value, "timestamp column")
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        """Checked by DuckDB's strptime, which ingest uses: a typo failed every run instead of the load."""
+        problem = _strptime_problem(value)
+        if problem:
+            raise ValueError(f"timestamp format {value!r} is not a strptime format: {problem}")
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -509,6 +509,10 @@ def _with_metric(name: str) -> dict[str, Any]:
         (_with_metric("score"), "['score'] clash with the pipeline's table columns"),
         (_with_metric("date"), "['date'] clash"),
         ({**base_document(), "checks": {"min_alert_rate": 0.3, "max_alert_rate": 0.2}}, "no day could pass"),
+        (
+            {**base_document(), "timestamp": {"format": "%s"}},
+            "timestamp format '%s' is not a strptime format",
+        ),
     ],
 )
 def test_mistakes_that_used_to_fail_a_run_fail_the_load(tmp_path: Path, document: dict, message: str) -> None:
