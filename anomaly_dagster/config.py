@@ -108,8 +108,14 @@ class MetricConfig(_Strict):
 
     @property
     def is_count(self) -> bool:
-        """Counts are zero in an empty bucket; other aggregations are undefined (null) there."""
+        """Counts are whole numbers."""
         return self.agg in ("count", "nunique")
+
+    @property
+    def zero_when_empty(self) -> bool:
+        """Counts and sums are 0 over no values (an outage is a drop to zero); a mean, minimum, maximum
+        or percentile of nothing is undefined (missing)."""
+        return self.is_count or self.agg == "sum"
 
 
 class DerivedConfig(_Strict):

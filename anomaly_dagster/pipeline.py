@@ -160,7 +160,8 @@ AGGREGATIONS = {
 
 
 def _metric_sql(source: SourceConfig) -> tuple[str, str]:
-    """The metrics' aggregate expressions, and the same metrics on the grid (counts 0 where empty)."""
+    """The metrics' aggregate expressions, and the same metrics on the grid (counts and sums 0 where
+    empty)."""
     metrics = ", ".join(
         AGGREGATIONS[metric.agg].format(quote_identifier(metric.column) if metric.column else "*")
         + f" AS {quote_identifier(metric.name)}"
@@ -168,7 +169,7 @@ def _metric_sql(source: SourceConfig) -> tuple[str, str]:
     )
     filled = ", ".join(
         f"coalesce(a.{quote_identifier(metric.name)}, 0) AS {quote_identifier(metric.name)}"
-        if metric.is_count
+        if metric.zero_when_empty
         else f"a.{quote_identifier(metric.name)}"
         for metric in source.metrics
     )

@@ -319,7 +319,7 @@ class WindowScoring:
         for start in range(first, int(starts.max()) + bucket, bucket):
             row = by_start.get(start)
             metrics = {
-                metric.name: (0 if metric.is_count else np.nan)
+                metric.name: (0 if metric.zero_when_empty else np.nan)
                 if row is None or pd.isna(row[metric.name])
                 else float(row[metric.name])
                 for metric in self.source.metrics

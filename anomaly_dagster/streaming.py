@@ -757,7 +757,7 @@ class WindowStore:
             else:
                 values = np.concatenate(window.values[metric.column]) if window else np.empty(0)
                 if not len(values):
-                    result[metric.name] = np.nan
+                    result[metric.name] = 0.0 if metric.zero_when_empty else np.nan
                 elif metric.agg == "p95":
                     result[metric.name] = float(np.quantile(values, 0.95))
                 else:

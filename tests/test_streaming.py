@@ -341,7 +341,10 @@ def test_every_aggregation_equals_batch_resampling(tmp_path):
                     row["window_start"],
                     name,
                 )
-    assert any(row["revenue"] is None and row["orders"] > 0 for row in rows)  # amounts all missing there
+    # a sum over no values is 0, as a count is (an outage is a drop to zero); a mean of nothing is missing
+    assert any(row["revenue"] == 0 and row["mean_amount"] is None and row["orders"] > 0 for row in rows)
+    empty = batch.loc["2020-07-15T05:00:00Z"]  # no events at all
+    assert (empty["orders"], empty["revenue"]) == (0, 0) and pd.isna(empty["mean_amount"])
 
 
 def test_late_and_out_of_order_events(tmp_path):

@@ -927,8 +927,10 @@ def run_resample_spark(context: StageContext, days: list[date], spark: SparkSess
     grid = _bucket_grid(source, days) if source.entity is None else _entity_grid(source, days, aggregated)
     table = grid.merge(aggregated, on=keys, how="left")
     for metric in source.metrics:
+        if metric.zero_when_empty:
+            table[metric.name] = table[metric.name].fillna(0)
         if metric.is_count:
-            table[metric.name] = table[metric.name].fillna(0).astype("int64")
+            table[metric.name] = table[metric.name].astype("int64")
     frames = {day: part.reset_index(drop=True) for day, part in table.groupby(table["bucket_start"].dt.date)}
     # an entity source may have a day without any entity: an empty partition, not a missing one
     frames = {day: frames.get(day, table.iloc[:0]) for day in days}
