@@ -179,7 +179,7 @@ def _metric_sql(source: SourceConfig) -> tuple[str, str]:
 def resample_sql(source: SourceConfig, event_files: list[str], days: list[date]) -> str:
     """One query: bucket every event of ``days`` and left-join onto the full bucket grid.
 
-    Counts are zero in empty buckets (an outage is a drop to zero, not a missing row); other
+    Counts and sums are zero in empty buckets (an outage is a drop to zero, not a missing row); other
     aggregations are NULL there. A ``count`` with a column counts that column's values. With an
     entity column the grid is per entity and day: every entity with events on the day or the day
     before (``event_files`` then include the days before), so an entity that falls silent for a
@@ -665,7 +665,7 @@ STAGES: tuple[Stage, ...] = (
 ASSET_DESCRIPTIONS = {
     "raw_events": "The day's events from every landing file, typed and in UTC.",
     "quarantine": "Rows and files that could not be ingested, with file, line and reason.",
-    "resampled": "One row per bucket of the day; counts are zero in empty buckets.",
+    "resampled": "One row per bucket of the day; counts and sums are zero in empty buckets.",
     "features": "Model inputs: metrics, derived columns, time-of-day encodings and lags.",
     "model": "Detectors trained walk-forward on the days before, with calibrated thresholds.",
     "scores": "Per bucket and detector: score, threshold, flag, attribution, expected value.",
