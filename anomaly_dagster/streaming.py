@@ -113,6 +113,8 @@ LOG = logging.getLogger("anomaly_dagster.streaming")
 SCORES_ASSET = "stream_scores"
 QUARANTINE_ASSET = "stream_quarantine"
 STATE_FORMAT = 1
+# bytes of a file's head whose digest identifies it in a saved position
+HEAD_BYTES = 4096
 READ_BYTES = 1 << 22  # per read: large chunks amortise the per-call cost of scoring
 MAX_LINE_BYTES = 1 << 24  # a "line" this long without a newline is cut and quarantined
 POLL_SECONDS = 0.2
@@ -1084,8 +1086,10 @@ class Transport(Protocol):
     def position(self) -> Any:
         """JSON-able position just after the lines returned so far."""
 
-    def seek(self, position: Any) -> None:
-        """Continue after ``position`` (from an earlier run's :meth:`position`)."""
+    def seek(self, position: Any) -> bool:
+        """Continue after ``position`` (from an earlier run's :meth:`position`); False when the input
+        is not the one that position was taken in (a file replaced under the same name): then it is
+        read from its start."""
 
     def commit(self) -> None:
         """The state up to :meth:`position` is saved (Kafka commits its offsets here)."""
@@ -1147,12 +1151,29 @@ class FileTransport:
         self._read += len(data)
         return self._lines.feed(data)
 
-    def position(self) -> int:
-        return self._read - len(self._lines.pending)
+    def position(self) -> dict[str, Any]:
+        offset = self._read - len(self._lines.pending)
+        return {"offset": offset, "head": self._head(offset)}
 
-    def seek(self, position: Any) -> None:
-        self._handle.seek(int(position))
-        self._read = int(position)
+    def seek(self, position: Any) -> bool:
+        offset = int(position["offset"]) if isinstance(position, dict) else int(position)  # int: older states
+        if isinstance(position, dict) and self._head(offset) != position["head"]:
+            LOG.warning(
+                "%s is not the file the state was saved for (its first bytes differ: rotated or "
+                "replaced): reading it from its start",
+                self.name,
+            )
+            return False
+        self._handle.seek(offset)
+        self._read = offset
+        return True
+
+    def _head(self, offset: int) -> str:
+        """A digest of the file's first bytes (up to ``offset``, at most HEAD_BYTES), read afresh: what
+        tells the file a position was taken in from another one put in its place."""
+        opener = gzip.open if self._compressed else open
+        with opener(self.name, "rb") as handle:
+            return hashlib.sha256(handle.read(min(offset, HEAD_BYTES))).hexdigest()
 
     def commit(self) -> None:
         pass
@@ -1200,7 +1221,7 @@ class DescriptorTransport:
     def position(self) -> None:
         return None
 
-    def seek(self, position: Any) -> None:
+    def seek(self, position: Any) -> bool:
         raise OSError(f"{self.name} cannot seek")
 
     def commit(self) -> None:
@@ -1264,9 +1285,10 @@ class KafkaTransport:
     def position(self) -> dict[str, int]:
         return dict(self._next)
 
-    def seek(self, position: Any) -> None:
+    def seek(self, position: Any) -> bool:
         self._skip_below = {str(key): int(value) for key, value in dict(position).items()}
         self._next = dict(self._skip_below)
+        return True
 
     def commit(self) -> None:
         if self._next:
@@ -1620,9 +1642,12 @@ class StreamRunner:
             self.transport.seekable
             and document["input"]["name"] == self.transport.name
             and position is not None
+            and self.transport.seek(position)
         ):
-            self.transport.seek(position)
             where = f"at {self.transport.name} position {position}"
+        elif self.transport.seekable:  # another file (the next day's), or this one replaced: new input
+            self.lines_read = 0
+            where = f"{self.transport.name} is a new input: read from its start"
         else:
             self.replay_until = self.windows.max_event
             for start, window in self.windows.open.items():

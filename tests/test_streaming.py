@@ -525,6 +525,71 @@ def test_resuming_a_file_continues_at_its_offset_with_the_same_scores(tmp_path, 
     assert resumed == clean  # aggregates and scores: the forest and its RNG resumed exactly
 
 
+def test_a_file_replaced_under_the_same_name_is_read_from_its_start(tmp_path, caplog):
+    """Log rotation: the state's byte offset used to be applied to the new file, skipping its first
+    events silently."""
+    path, state, warehouse = (
+        tmp_path / "clicks.jsonl",
+        tmp_path / "state.npz",
+        Warehouse(tmp_path / "warehouse"),
+    )
+    path.write_text("\n".join(traffic(10)) + "\n")
+    StreamRunner(
+        SOURCE, FileTransport(path), str(tmp_path / "a.jsonl"), warehouse, state, StreamingConfig()
+    ).run()
+    later = [event(START + timedelta(hours=3, minutes=minute), f"u{minute}") for minute in range(60)]
+    path.write_text("\n".join(later) + "\n")
+    with caplog.at_level(logging.WARNING):
+        runner = StreamRunner(
+            SOURCE, FileTransport(path), str(tmp_path / "b.jsonl"), warehouse, state, StreamingConfig()
+        )
+        assert runner.run() == 0
+    assert "is not the file the state was saved for" in caplog.text
+    rows = read_rows(tmp_path / "b.jsonl")
+    assert sum(row["clicks"] for row in rows if row["window_start"] >= "2020-07-15T03:00:00Z") == 60
+
+
+def test_the_next_days_file_with_the_same_state_is_a_new_input(tmp_path):
+    """Another file resumed as a replay of the first: its events up to the last one seen were dropped as
+    replayed (a late one neither counted nor quarantined), and its line numbers went on from the first."""
+    warehouse, state = Warehouse(tmp_path / "warehouse"), tmp_path / "state.npz"
+    first, second = tmp_path / "clicks_15.jsonl", tmp_path / "clicks_16.jsonl"
+    first.write_text(
+        "\n".join(event(f"2020-07-15 23:{minute}:00", f"u{minute}") for minute in (40, 45, 55)) + "\n"
+    )
+    second.write_text(
+        "\n".join(
+            [
+                event("2020-07-15 23:52:00", "late"),
+                event("2020-07-16 00:01:00"),
+                "not an event",
+                event("2020-07-16 00:02:00"),
+            ]
+        )
+        + "\n"
+    )
+    for path in (first, second):
+        runner = StreamRunner(
+            SOURCE,
+            FileTransport(path),
+            str(tmp_path / f"{path.stem}.out"),
+            warehouse,
+            state,
+            StreamingConfig(),
+        )
+        assert runner.run() == 0
+    quarantined = warehouse.read_partitions(
+        "clickstream", "stream_quarantine", [date(2020, 7, 15), date(2020, 7, 16)]
+    )
+    assert [
+        (Path(name).name, line) for name, line in quarantined[["input", "line"]].itertuples(index=False)
+    ] == [
+        ("clicks_16.jsonl", 1),
+        ("clicks_16.jsonl", 3),
+    ]
+    assert runner.counts["replayed"] == 0 and runner.counts["late"] == 1
+
+
 # --- transports ------------------------------------------------------------------------------------
 
 
