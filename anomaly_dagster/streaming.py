@@ -1151,6 +1151,11 @@ class FileTransport:
         self._read += len(data)
         return self._lines.feed(data)
 
+    @property
+    def holding_back(self) -> bool:
+        """Whether an unfinished last line was held back at the end of input."""
+        return self._done and bool(self._lines.pending)
+
     def position(self) -> dict[str, Any]:
         offset = self._read - len(self._lines.pending)
         return {"offset": offset, "head": self._head(offset)}
@@ -1479,7 +1484,19 @@ class StreamRunner:
                         next_checkpoint = time.monotonic() + self.config.checkpoint_seconds
                 if self._stop:
                     LOG.info("stop requested: closing the open windows")
-                self._emit(self.windows.close_all())
+                if (
+                    not self._stop
+                    and self.state_path is not None
+                    and getattr(self.transport, "holding_back", False)
+                ):
+                    # the file is still being written: its held-back line (and what follows) belongs to
+                    # windows the next run must still be able to add to
+                    LOG.info(
+                        "input still being written: %d open window(s) kept for the next run",
+                        len(self.windows.open),
+                    )
+                else:
+                    self._emit(self.windows.close_all())
                 self.checkpoint()
             finally:
                 self.transport.close()
