@@ -819,6 +819,9 @@ class StreamScorer:
         self.warmup_rows: list[np.ndarray] = []
         self.warmup_starts: list[int] = []
         self.recent: list[np.ndarray] = []  # the lead forest's last shingle_size - 1 scaled rows
+        # the last feature rows scored (starts, matrix): the shingle history of the other forests
+        self.tail_starts = np.empty(0, np.int64)
+        self.tail_rows = np.empty((0, len(source.feature_columns)))
         self.started = False
         self.changed = False
 
@@ -969,8 +972,9 @@ class StreamScorer:
 
     def _score_rows(self, starts: np.ndarray, matrix: np.ndarray, rows: list[dict[str, Any]]) -> None:
         frame = self._frame(starts, matrix)
+        before = self._frame(self.tail_starts, self.tail_rows)
         scores = {
-            name: np.asarray(detector.score(frame), dtype=np.float64)
+            name: np.asarray(detector.score(frame, **_shingle_history(detector, before)), dtype=np.float64)
             for name, detector in self.detectors.items()
             if not (name == self.lead and self.streaming)
         }
@@ -986,7 +990,9 @@ class StreamScorer:
             if strongest == self.lead and lead_signed is not None:
                 signed = lead_signed[index]
             else:
-                signed = self.detectors[strongest].explain(frame.iloc[[index]])[0]
+                earlier = pd.concat([before, frame.iloc[:index]], ignore_index=True)
+                detector = self.detectors[strongest]
+                signed = detector.explain(frame.iloc[[index]], **_shingle_history(detector, earlier))[0]
             row.update(
                 score=float(scores[self.lead][index]),
                 threshold=self.thresholds[self.lead],
@@ -994,6 +1000,11 @@ class StreamScorer:
                 attribution=json.loads(modeling.explanation_json(self.detectors[strongest].features, signed)),
                 detectors=[name for name in self.detectors if fired[name]],
             )
+        keep = max((_shingle(detector) - 1 for detector in self.detectors.values()), default=0)
+        self.tail_starts = np.concatenate([self.tail_starts, starts])[
+            len(self.tail_starts) + len(starts) - keep :
+        ]
+        self.tail_rows = np.vstack([self.tail_rows, matrix])[len(self.tail_rows) + len(matrix) - keep :]
 
     def _stream_lead(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score, explain, then insert each window with the lead forest (rows with a gap score 0)."""
@@ -1021,6 +1032,8 @@ class StreamScorer:
             "warmup_rows": np.array(self.warmup_rows).reshape(-1, len(self.source.feature_columns)),
             "warmup_starts": np.array(self.warmup_starts, dtype=np.int64),
             "recent": np.array(self.recent, dtype=np.float64),
+            "tail_starts": self.tail_starts,
+            "tail_rows": self.tail_rows,
         }
         described = {}
         for name, detector in self.detectors.items():
@@ -1058,6 +1071,18 @@ class StreamScorer:
         self.warmup_rows = list(arrays["warmup_rows"])
         self.warmup_starts = arrays["warmup_starts"].tolist()
         self.recent = list(arrays["recent"])
+        self.tail_starts = arrays.get("tail_starts", self.tail_starts)  # (not in states saved before)
+        self.tail_rows = arrays.get("tail_rows", self.tail_rows)
+
+
+def _shingle(detector: Detector) -> int:
+    return detector.forest.shingle_size if isinstance(detector, RCFDetector) else 1
+
+
+def _shingle_history(detector: Detector, before: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``history=`` for a shingled forest scoring a few windows: the rows before them complete their
+    shingles (batch scores a whole day, so only its first rows lack one)."""
+    return {"history": before.tail(_shingle(detector) - 1)} if _shingle(detector) > 1 and len(before) else {}
 
 
 def _finite(value: float) -> float | None:

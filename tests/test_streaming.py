@@ -590,6 +590,25 @@ def test_the_next_days_file_with_the_same_state_is_a_new_input(tmp_path):
     assert runner.counts["replayed"] == 0 and runner.counts["late"] == 1
 
 
+def test_a_shingled_forest_that_votes_but_does_not_lead_scores_alike_in_any_chunking(tmp_path, monkeypatch):
+    """Scored without the windows before each batch, a shingle-3 forest scored 0 whenever few windows
+    closed at once (a live stream: always), so it never voted, and a file's answers hung on the chunk size."""
+    document = SOURCE.model_dump()
+    for detector in document["detectors"]:
+        if detector["name"] == "rcf":
+            detector["params"] = {**detector["params"], "shingle_size": 3, "num_trees": 30}
+    document["ensemble"] = {"detectors": ["zscore", "rcf"], "min_votes": 1}  # zscore leads, rcf votes
+    source = SourceConfig.model_validate(document)
+    lines = traffic(72, per_window=30)
+    answers = []
+    for chunk in (1 << 22, 2048):
+        monkeypatch.setattr(streaming, "READ_BYTES", chunk)
+        rows, _ = run_file(tmp_path / str(chunk), lines, StreamingConfig(warmup_windows=24), source=source)
+        answers.append([(row["window_start"], row["is_anomaly"], row["detectors"]) for row in rows])
+    assert answers[0] == answers[1]
+    assert any("rcf" in detectors for _, _, detectors in answers[1])
+
+
 # --- transports ------------------------------------------------------------------------------------
 
 
