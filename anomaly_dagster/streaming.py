@@ -1000,11 +1000,11 @@ class StreamScorer:
                 attribution=json.loads(modeling.explanation_json(self.detectors[strongest].features, signed)),
                 detectors=[name for name in self.detectors if fired[name]],
             )
-        keep = max((_shingle(detector) - 1 for detector in self.detectors.values()), default=0)
-        self.tail_starts = np.concatenate([self.tail_starts, starts])[
-            len(self.tail_starts) + len(starts) - keep :
-        ]
-        self.tail_rows = np.vstack([self.tail_rows, matrix])[len(self.tail_rows) + len(matrix) - keep :]
+        # a day of rows: the last shingle_size - 1 rows a forest can take may lie behind gaps
+        keep = self.source.buckets_per_day if any(_shingle(d) > 1 for d in self.detectors.values()) else 0
+        first = max(0, len(self.tail_starts) + len(starts) - keep)
+        self.tail_starts = np.concatenate([self.tail_starts, starts])[first:]
+        self.tail_rows = np.vstack([self.tail_rows, matrix])[first:]
 
     def _stream_lead(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score, explain, then insert each window with the lead forest (rows with a gap score 0)."""
@@ -1080,9 +1080,12 @@ def _shingle(detector: Detector) -> int:
 
 
 def _shingle_history(detector: Detector, before: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """``history=`` for a shingled forest scoring a few windows: the rows before them complete their
-    shingles (batch scores a whole day, so only its first rows lack one)."""
-    return {"history": before.tail(_shingle(detector) - 1)} if _shingle(detector) > 1 and len(before) else {}
+    """``history=`` for a shingled forest scoring a few windows: the last rows before them that it can
+    take complete their shingles, as they would in one batch (which skips rows with a gap)."""
+    if _shingle(detector) == 1 or not len(before):
+        return {}
+    assert isinstance(detector, RCFDetector)
+    return {"history": before[detector.usable_rows(before)].tail(_shingle(detector) - 1)}
 
 
 def _finite(value: float) -> float | None:

@@ -1547,6 +1547,10 @@ class RCFDetector(Detector):
             signed[finite] = folded[..., 1] - folded[..., 0]
         return signed
 
+    def usable_rows(self, frame: pd.DataFrame) -> np.ndarray:
+        """(n,) bool: rows the forest can take (every feature finite in float32); the others score 0."""
+        return self._finite_rows(frame)[1]
+
     def _finite_rows(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         values = self.matrix(frame) / self.scale
         return values, float32_finite(values).all(axis=1)
@@ -1565,4 +1569,9 @@ class RCFDetector(Detector):
         return detector
 
     def _history(self, history: pd.DataFrame | None) -> np.ndarray | None:
-        return None if history is None else self.matrix(history) / self.scale
+        """The scaled ``history`` rows, without those a forest cannot take (a gap is skipped, as
+        :meth:`score` skips it among the rows it scores)."""
+        if history is None:
+            return None
+        values = self.matrix(history) / self.scale
+        return values[float32_finite(values).all(axis=1)]
