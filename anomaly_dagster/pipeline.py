@@ -501,9 +501,8 @@ def _flagged_days_before(
     warehouse: Warehouse, source: SourceConfig, day: date, anomalies: dict[date, pd.DataFrame]
 ) -> dict[date, pd.DataFrame]:
     """The flagged buckets (from this run, else the warehouse) of the days an incident running on over
-    midnight into ``day`` may have started on: the day before, and further back for as long as a day's
-    flags reach its own midnight (a sensor stuck for days is one incident)."""
-    bucket = pd.Timedelta(minutes=source.bucket_minutes)
+    midnight into ``day`` may have started on: the day before, and further back for as long as one
+    incident covers the whole day (a sensor stuck for days is one incident)."""
     frames, earlier = {}, day
     while True:
         earlier -= timedelta(days=1)
@@ -514,10 +513,23 @@ def _flagged_days_before(
         else:
             break
         frames[earlier] = frame
-        reach = pd.Timestamp(earlier) + bucket * (source.incident_gap_buckets + 1)
-        if frame.empty or not (pd.DatetimeIndex(frame["bucket_start"]) < reach).any():
+        if not _flagged_all_day(source, frame, earlier):
             break
     return dict(sorted(frames.items()))
+
+
+def _flagged_all_day(source: SourceConfig, flagged: pd.DataFrame, day: date) -> bool:
+    """Whether one incident covers the whole of ``day`` (for some entity): its flags start and end the
+    day and no gap between them is longer than ``incident_gap_buckets``. Only then can an incident
+    running into the next day have started before it."""
+    bucket = pd.Timedelta(minutes=source.bucket_minutes)
+    step = bucket * (source.incident_gap_buckets + 1)
+    bounds = pd.DatetimeIndex([pd.Timestamp(day) - bucket, pd.Timestamp(day) + pd.Timedelta(days=1)])
+    for _, rows in entities.split(source, flagged):
+        times = pd.DatetimeIndex(rows["bucket_start"]).append(bounds).sort_values()
+        if len(rows) and (times[1:] - times[:-1]).max() <= step:
+            return True
+    return False
 
 
 def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +249,24 @@ def test_an_incident_longer_than_a_day_keeps_its_true_start(
     } <= read  # the start's and the peak's day
     assert main(["report", "clickstream", "--warehouse", str(warehouse.root)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "clickstream: 432 buckets, 1 incidents"
+
+
+def test_flags_around_midnight_every_day_do_not_make_detect_read_the_whole_history(tmp_path: Path) -> None:
+    """A nightly job flagged at 00:00 and 12:00: the walk back went on while a day's flags touched its
+    midnight, so every day read (and named in its lineage) every earlier day."""
+    source = load_sources()["clickstream"]
+    warehouse = Warehouse(tmp_path / "warehouse")
+    days = [date(2020, 7, 7) + timedelta(days=offset) for offset in range(6)]
+    for day in days:
+        nightly = {pd.Timestamp(day), pd.Timestamp(day) + pd.Timedelta(hours=12)}
+        write_scored_day(warehouse, source, day, nightly)
+    run_detect(StageContext(source, warehouse, tmp_path / "landing", RunInfo("run", "v")), days)
+    lineage = warehouse.query(
+        "SELECT upstream FROM meta.lineage WHERE asset = 'incidents' AND partition = '2020-07-12'"
+    )
+    read = {
+        entry["partition"]
+        for entry in json.loads(lineage["upstream"].item())
+        if entry["asset"] == "anomalies"
+    }
+    assert read == {"2020-07-11", "2020-07-12"}
