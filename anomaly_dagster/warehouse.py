@@ -328,6 +328,12 @@ class Warehouse:
             ).fetchall()
             for source, asset in views:
                 self._refresh_view(connection, source, asset)
+            # lineage written before paths were relative named the files of its first root
+            connection.execute(
+                "UPDATE meta.lineage SET path = concat_ws('/', source, asset, 'date=' || partition, ?) "
+                "WHERE path LIKE '/%'",
+                [PART_FILE],
+            )
             connection.execute("DELETE FROM meta.catalog_root")
             connection.execute("INSERT INTO meta.catalog_root VALUES (?)", [str(self.root)])
 
@@ -345,7 +351,7 @@ class Warehouse:
         """Run a read-only query against the catalog (views and lineage). A catalog copied or moved
         from another root first has its views pointed here (they would read the original's files)."""
         connection = _connect_with_retry(self.catalog_path, read_only=True)
-        if _catalog_root(connection) not in (str(self.root), None):
+        if _catalog_root(connection) != str(self.root):  # (None: a catalog written before roots were kept)
             connection.close()
             with self._catalog_writer() as writer:
                 writer.execute("BEGIN TRANSACTION")
@@ -413,7 +419,8 @@ def _superseded(part: WrittenPartition) -> bool:
 
 
 def _catalog_root(connection: duckdb.DuckDBPyConnection) -> str | None:
-    """The root the catalog's views were built for; None before anything was recorded."""
+    """The root the catalog's views were built for; None if it does not say (nothing recorded yet, or
+    written before the root was kept)."""
     known = connection.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'meta' AND table_name = 'catalog_root'"
     ).fetchone()[0]

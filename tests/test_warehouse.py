@@ -197,6 +197,25 @@ def test_a_copied_warehouse_reads_its_own_files(warehouse: Warehouse, tmp_path: 
     assert copy.query("SELECT count(*) AS n FROM clickstream.raw_events")["n"].item() == 8
 
 
+def test_a_copied_catalog_written_before_roots_were_kept_is_moved_too(
+    warehouse: Warehouse, tmp_path: Path
+) -> None:
+    """Backups made before this change have no recorded root and absolute lineage paths."""
+    parts = [warehouse.write_partition("clickstream", "raw_events", day, frame(day, 3)) for day in (D1, D2)]
+    warehouse.record(parts, RUN)
+    with duckdb.connect(str(warehouse.catalog_path)) as connection:  # as the older code left it
+        connection.execute("DROP TABLE meta.catalog_root")
+        connection.execute("UPDATE meta.lineage SET path = ? || '/' || path", [str(warehouse.root)])
+    copy = Warehouse(tmp_path / "restored")
+    shutil.copytree(warehouse.root, copy.root)
+    shutil.rmtree(warehouse.root)
+    assert copy.query("SELECT count(*) AS n FROM clickstream.raw_events")["n"].item() == 6
+    assert copy.audit().consistent
+    assert set(copy.query("SELECT path FROM meta.lineage")["path"]) == {
+        f"clickstream/raw_events/date={day}/part.parquet" for day in (D1, D2)
+    }
+
+
 def test_rerecording_a_partition_upserts(warehouse: Warehouse) -> None:
     warehouse.record([warehouse.write_partition("clickstream", "raw_events", D1, frame(D1, 3))], RUN)
     again = warehouse.write_partition("clickstream", "raw_events", D1, frame(D1, 7))
