@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +54,22 @@ def complete_buckets(source: SourceConfig, frames: dict[date, pd.DataFrame]) -> 
 
 def short_days(source: SourceConfig, counts: dict[date, int]) -> dict[date, str]:
     """The days of ``counts`` (events per day) with fewer than ``checks.min_events_per_day`` events, or
-    than ``checks.min_events_share`` of the median of the ``training_days`` before them, and why."""
+    than ``checks.min_events_share`` of a typical day before them, and why. Typical is the median of
+    the ``training_days`` before, or the same weekday a week before if that is lower (a quiet weekend
+    is not missing input). ``min_events_per_day: 0`` turns both off, for a log that may be silent."""
     least, share = source.checks.min_events_per_day, source.checks.min_events_share
-    short = {}
+    short: dict[date, str] = {}
+    if least == 0:
+        return short
     for day, count in sorted(counts.items()):
         before = [counts[d] for d in counts if 1 <= (day - d).days <= source.training_days]
-        typical = float(np.median(before)) if before else 0.0
+        typical = min(
+            float(np.median(before)) if before else 0.0, counts.get(day - timedelta(days=7), np.inf)
+        )
         if count < least:
             short[day] = f"{count} < {least}"
         elif count < share * typical:
-            short[day] = f"{count} < {share:.0%} of the median day before it ({typical:.0f})"
+            short[day] = f"{count} < {share:.0%} of a typical day before it ({typical:.0f})"
     return short
 
 

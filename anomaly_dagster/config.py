@@ -215,8 +215,9 @@ class ChecksConfig(_Strict):
     # events_present: fewer events in a day means missing input (files not landed, wrong folder),
     # not an outage; 0 turns the check off for a log that may be silent for a whole day
     min_events_per_day: int = Field(1, ge=0)
-    # ... or fewer than this share of the median day of the training_days before it: a file that never
-    # landed still leaves the day a few late events from the next day's file (0 turns it off)
+    # ... or fewer than this share of a typical day before it (the median of the training_days before,
+    # or the same weekday a week before if lower): a file that never landed still leaves the day a few
+    # late events from the next day's file (0 turns this rule off; min_events_per_day 0 turns off both)
     min_events_share: float = Field(0.1, ge=0.0, le=1.0)
     max_quarantine_rate: float = Field(0.01, ge=0.0, le=1.0)
     max_alert_rate: float = Field(0.2, ge=0.0, le=1.0)
