@@ -12,7 +12,7 @@ import pandas as pd
 from anomaly_dagster import entities
 from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.features import day_buckets
-from anomaly_dagster.ingest import UNREADABLE_FILE
+from anomaly_dagster.ingest import EMPTY_CSV, UNREADABLE_FILE
 from anomaly_dagster.modeling import ENSEMBLE
 
 
@@ -105,7 +105,8 @@ def quarantine_rate(
         rows = quarantined.get(day, pd.DataFrame(columns=["source_file", "reason"]))
         bad = len(rows)
         rates[day.isoformat()] = bad / (count + bad) if count + bad else 0.0
-        lost = rows[rows["reason"].astype(str).str.startswith(UNREADABLE_FILE)]
+        reasons = rows["reason"].astype(str)
+        lost = rows[reasons.str.startswith(UNREADABLE_FILE) & ~reasons.str.endswith(EMPTY_CSV)]
         if len(lost):
             unreadable[day.isoformat()] = sorted(Path(name).name for name in lost["source_file"])
     worst = max(rates.values(), default=0.0)

@@ -76,8 +76,10 @@ from anomaly_dagster.sql import quote_identifier, quote_literal
 from anomaly_dagster.storage import atomic_write_bytes
 
 QUARANTINE_COLUMNS = ["source_file", "line", "reason", "raw"]
-# the reason of the one quarantine row a file that cannot be read at all gets (it stands for the file)
+# the reason of the one quarantine row a file that cannot be read at all gets (it stands for the file),
+# and the detail of a CSV without even a header line (zero bytes: it held no event)
 UNREADABLE_FILE = "unreadable file"
+EMPTY_CSV = "empty file (no header line)"
 TEXT_COLUMN = "_line_text"
 RAW_MAX_CHARS = 4096  # raw text kept per quarantine row
 SHOWN_MAX_CHARS = 64  # of a value echoed in a reason
@@ -450,9 +452,7 @@ def _csv_header(path: Path) -> list[str]:
     except UnicodeDecodeError as error:
         raise UnreadableFile(f"cannot read a CSV header: {error}") from None
     if not text.strip():
-        raise UnreadableFile(
-            "blank first line where the CSV header was expected" if more else "empty file (no header line)"
-        )
+        raise UnreadableFile("blank first line where the CSV header was expected" if more else EMPTY_CSV)
     if any(ord(char) < 32 and char not in "\t\r\n" for char in text):
         raise UnreadableFile("binary content where a CSV header was expected")
     try:

@@ -786,9 +786,9 @@ def _probe(path: str, frame: DataFrame) -> str | None:
         elif ingest.file_format(Path(path)) == "parquet":
             frame.write.format("noop").mode("overwrite").save()
     except ingest.UnreadableFile as error:
-        return f"unreadable file: {ingest._first_line(error)}"
+        return f"{ingest.UNREADABLE_FILE}: {ingest._first_line(error)}"
     except SPARK_ERRORS as error:
-        return f"unreadable file: {_root_cause(error)}"
+        return f"{ingest.UNREADABLE_FILE}: {_root_cause(error)}"
     return None
 
 
@@ -819,7 +819,7 @@ def run_ingest_spark(context: StageContext, days: list[date], spark: SparkSessio
         try:
             landed[entry.path] = _landed(spark, source, entry)
         except (ingest.UnreadableFile, pa.ArrowException, OSError) as error:
-            unreadable[entry.path] = f"unreadable file: {_root_cause(error)}"
+            unreadable[entry.path] = f"{ingest.UNREADABLE_FILE}: {_root_cause(error)}"
     try:
         written, bad = _materialize(context, days, list(landed.values()), spark, event_files)
     except SPARK_ERRORS:

@@ -270,6 +270,8 @@ def test_an_unreadable_file_fails_the_quarantine_check_whatever_the_rate():
         in (outcome.description)
     )
     assert checks.quarantine_rate(source, {day: 28000}, {day: lost.iloc[1:]}).passed
+    empty = lost.iloc[:1].assign(reason="unreadable file: empty file (no header line)")  # held no event
+    assert checks.quarantine_rate(source, {day: 28000}, {day: empty}).passed
 
 
 def test_the_next_models_do_not_learn_a_day_whose_file_never_landed(tmp_path):
