@@ -316,6 +316,11 @@ class SourceConfig(_Strict):
             _check_entity(self.entity, self.columns, known)
         features = set(self.feature_columns)
         for detector in self.detectors:
+            if detector.params.get("n_slots", self.buckets_per_day) != self.buckets_per_day:
+                raise ValueError(
+                    f"detector {detector.name!r} has n_slots {detector.params['n_slots']}, but "
+                    f"{self.bucket_minutes}-minute buckets make {self.buckets_per_day} slots a day"
+                )
             missing = sorted(set(detector.features) - features)
             if missing:
                 raise ValueError(

@@ -62,12 +62,7 @@ def make_detector(source: SourceConfig, name: str) -> Detector:
     config = next(detector for detector in source.detectors if detector.name == name)
     params = dict(config.params)
     cls = detector_class(config.kind)
-    if "n_slots" in inspect.signature(cls).parameters:
-        if params.get("n_slots", source.buckets_per_day) != source.buckets_per_day:
-            raise ValueError(
-                f"{source.name}: detector {name!r} has n_slots {params['n_slots']}, but "
-                f"{source.bucket_minutes}-minute buckets make {source.buckets_per_day} slots a day"
-            )
+    if "n_slots" in inspect.signature(cls).parameters:  # (a different one is refused when the config loads)
         params["n_slots"] = source.buckets_per_day
     return cls(config.features, **params)
 

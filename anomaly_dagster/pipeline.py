@@ -397,7 +397,7 @@ def _entity_model_summary(
                 "threshold": np.nan,
                 "threshold_params": json.dumps({"reason": reason}),
                 "training_rows": 0,
-                "cold_start": True,
+                "cold_start": False,  # not fitted at all (a cold start is fitted on its own day)
             }
             for detector in source.detectors
         ]
