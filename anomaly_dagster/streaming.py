@@ -1690,7 +1690,7 @@ class StreamRunner:
             and self.transport.seek(position)
         ):
             where = f"at {self.transport.name} position {position}"
-        elif self.transport.seekable:  # another file (the next day's), or this one replaced: new input
+        elif self.transport.seekable and position is not None:  # another file, or this one replaced
             self.lines_read = 0
             where = f"{self.transport.name} is a new input: read from its start"
         else:
