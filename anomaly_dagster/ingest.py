@@ -62,7 +62,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -111,13 +111,15 @@ class UnreadableFile(Exception):
 
 @dataclass(frozen=True)
 class LandingFile:
-    """A landing file's identity (size and mtime) and the days its valid events fall on."""
+    """A landing file's identity (size and mtime), the days its valid events fall on, and a digest of
+    its rows per day (so that a file growing with today's lines asks for no earlier day again)."""
 
     path: str
     size: int
     mtime_ns: int
     days: list[str]
     home_day: str
+    digests: dict[str, str] = field(default_factory=dict)  # day -> "rows:hash"; {}: not known
 
     @property
     def touched_days(self) -> set[date]:
@@ -869,13 +871,25 @@ def plan_landing_runs(
     for entry in entries:
         size, mtime_ns, *asked = cursor.get(entry.path, [None, None])
         done = {date.fromisoformat(day) for day in asked[0]} if asked else None
+        digests = asked[1] if len(asked) > 1 else None  # per-day digests when the days were asked for
         touched = existing(entry.touched_days)
-        if [size, mtime_ns] != [entry.size, entry.mtime_ns]:
+        if [size, mtime_ns] == [entry.size, entry.mtime_ns]:
+            if done is not None:  # a cursor of an earlier version knows no days: all were asked for
+                wanted |= touched - done
+        elif digests and entry.digests:  # only the days whose rows changed (or came or went)
+            changed = {
+                day for day in {*digests, *entry.digests} if digests.get(day) != entry.digests.get(day)
+            }
+            wanted |= existing({date.fromisoformat(day) for day in changed}) | (touched - (done or set()))
+        else:
             wanted |= touched | existing(done or set())
-        elif done is not None:  # a cursor of an earlier version knows no days: all were asked for
-            wanted |= touched - done
         held |= touched
-        next_cursor[entry.path] = [entry.size, entry.mtime_ns, sorted(day.isoformat() for day in touched)]
+        next_cursor[entry.path] = [
+            entry.size,
+            entry.mtime_ns,
+            sorted(day.isoformat() for day in touched),
+            entry.digests,
+        ]
     if not wanted:
         return LandingPlan(None, None, next_cursor)
     last = min(max(wanted) + timedelta(days=source.training_days), max(held | wanted))
@@ -898,18 +912,23 @@ def _indexed(
     readable: bool,
 ) -> LandingFile:
     """The index entry of a file just read by :func:`load_file` (its rows are in ``typed``)."""
-    days = [
-        row[0].isoformat()
-        for row in connection.execute(
-            "SELECT DISTINCT day FROM typed WHERE day IS NOT NULL ORDER BY 1"
-        ).fetchall()
-    ]
+    per_day = connection.execute(
+        "SELECT day, count(*), sum(hash(t)) FROM typed t GROUP BY day ORDER BY day NULLS FIRST"
+    ).fetchall()
+    days = [day.isoformat() for day, _, _ in per_day if day is not None]
     if days:
-        return LandingFile(str(path), size, mtime_ns, days, days[0])
-    prefix = [] if readable else _readable_prefix_days(source, path)
-    home = prefix[0] if prefix else _day_in_name(source, path)
-    modified = max(datetime.fromtimestamp(mtime_ns / 1e9, UTC).date(), source.start_date)
-    return LandingFile(str(path), size, mtime_ns, days, (home or modified).isoformat())
+        home = days[0]
+    else:
+        prefix = [] if readable else _readable_prefix_days(source, path)
+        modified = max(datetime.fromtimestamp(mtime_ns / 1e9, UTC).date(), source.start_date)
+        home = (prefix[0] if prefix else _day_in_name(source, path) or modified).isoformat()
+    # rows without a day (no usable timestamp) are quarantined on the home day
+    digests = (
+        {day.isoformat() if day else home: f"{rows}:{total}" for day, rows, total in per_day}
+        if readable
+        else {}
+    )
+    return LandingFile(str(path), size, mtime_ns, days, home, digests)
 
 
 def quarantine_day(entry: LandingFile) -> date:

@@ -755,9 +755,12 @@ def test_index_entry_round_trips_through_json(tmp_path: Path, source: SourceConf
             "mtime_ns": entry.mtime_ns,
             "days": ["2020-07-07", "2020-07-09"],
             "home_day": "2020-07-07",
+            "digests": entry.digests,
         }
     }
+    assert sorted(entry.digests) == ["2020-07-07", "2020-07-09"]
     assert list(index_path.parent.glob(".*tmp*")) == []
+    assert LandingIndex(index_path).entries[entry.path] == entry
 
 
 def test_ingest_window_skips_files_not_touching_days(tmp_path: Path, source: SourceConfig) -> None:
@@ -810,7 +813,29 @@ def test_a_changed_file_runs_the_days_it_left_too(source: SourceConfig) -> None:
     rewritten = landing_file("clicks.csv", [DAY3], size=120)  # its events moved from day 1 to day 3
     plan = ingest.plan_landing_runs(source, [rewritten], moved_from.cursor, DAY3)
     assert (plan.first, plan.last) == (DAY1, DAY3)
-    assert plan.cursor["/landing/clicks.csv"] == [120, 1, ["2020-07-09"]]
+    assert plan.cursor["/landing/clicks.csv"] == [120, 1, ["2020-07-09"], {}]
+
+
+def test_a_file_growing_with_todays_lines_asks_only_for_the_days_whose_rows_changed(
+    tmp_path: Path, source: SourceConfig
+) -> None:
+    """Today's file also held a few late events of yesterday: every line appended today re-ran
+    yesterday's whole chain on the next sensor tick."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    path = landing / "clicks_today.csv"
+    lines = ["timestamp,page,user", "2020-07-08 23:58:00,p,late", "2020-07-09 00:01:00,p,u1"]
+    path.write_text("\n".join(lines) + "\n")
+    index = LandingIndex(tmp_path / "index.json")
+    first = ingest.plan_landing_runs(source, index.refresh(source, [path]), {}, DAY3)
+    assert (first.first, first.last) == (DAY2, DAY3)
+    with open(path, "a") as handle:
+        handle.write("2020-07-09 00:05:00,p,u2\n")
+    grown = ingest.plan_landing_runs(source, index.refresh(source, [path]), first.cursor, DAY3)
+    assert (grown.first, grown.last) == (DAY3, DAY3)
+    with open(path, "a") as handle:
+        handle.write("2020-07-08 23:59:00,p,later\n")  # yesterday's rows changed after all
+    assert ingest.plan_landing_runs(source, index.refresh(source, [path]), grown.cursor, DAY3).first == DAY2
 
 
 def test_a_deleted_file_or_an_older_cursor_asks_for_nothing(source: SourceConfig) -> None:
