@@ -323,10 +323,7 @@ class Warehouse:
         connection.execute(LINEAGE_DDL)
         connection.execute(ROOT_DDL)
         if _catalog_root(connection) != str(self.root):
-            views = connection.execute(
-                "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'VIEW'"
-            ).fetchall()
-            for source, asset in views:
+            for source, asset in _views(connection):
                 self._refresh_view(connection, source, asset)
             # lineage written before paths were relative named the files of its first root
             connection.execute(
@@ -351,7 +348,7 @@ class Warehouse:
         """Run a read-only query against the catalog (views and lineage). A catalog copied or moved
         from another root first has its views pointed here (they would read the original's files)."""
         connection = _connect_with_retry(self.catalog_path, read_only=True)
-        if _catalog_root(connection) != str(self.root):  # (None: a catalog written before roots were kept)
+        if _catalog_root(connection) != str(self.root) and _views(connection):  # (a read writes only then)
             connection.close()
             with self._catalog_writer() as writer:
                 writer.execute("BEGIN TRANSACTION")
@@ -416,6 +413,13 @@ def _superseded(part: WrittenPartition) -> bool:
         return file_identity(part.path) != part.identity
     except FileNotFoundError:
         return True
+
+
+def _views(connection: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(schema, name) of the catalog's views: (source, asset)."""
+    return connection.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'VIEW'"
+    ).fetchall()
 
 
 def _catalog_root(connection: duckdb.DuckDBPyConnection) -> str | None:

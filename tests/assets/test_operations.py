@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from datetime import date, datetime
@@ -33,11 +34,19 @@ def test_landing_sensor_runs_the_days_new_or_changed_files_touch_as_one_range(tm
 
     changed = generated.files[0]  # the first day: nothing spilled into it from before
     shutil.copyfile(changed, changed.with_name("copy.tmp"))
-    os.replace(changed.with_name("copy.tmp"), changed)  # a rewritten file: new mtime
+    os.replace(changed.with_name("copy.tmp"), changed)  # rewritten as it was: new mtime, same rows
     stat = changed.stat()
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    third = sensor.evaluate_tick(
+    touched = sensor.evaluate_tick(
         dg.build_sensor_context(cursor=again.cursor, instance=instance, definitions=defs)
+    )
+    assert touched.run_requests == []  # its rows per day are unchanged: nothing to re-run
+    with gzip.open(changed, "rt") as handle:
+        lines = handle.read().splitlines(keepends=True)
+    with gzip.open(changed, "wt") as handle:  # a corrected file: one event of its day dropped
+        handle.writelines(lines[:-1])
+    third = sensor.evaluate_tick(
+        dg.build_sensor_context(cursor=touched.cursor, instance=instance, definitions=defs)
     )
     # the changed day, then the days that read it (lags, models), as far as there is data
     (rerun,) = third.run_requests
