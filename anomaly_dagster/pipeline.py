@@ -318,12 +318,13 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
             thresholds = {name: threshold.value for name, threshold in model.thresholds.items()}
         else:
             today = features if cold_start else warehouse.read_partitions(source.name, "features", [day])
-            models, untrained[day] = _train_entities(source, day, features, today, cold_start, labels)
+            models, reasons = _train_entities(source, day, features, today, cold_start, labels)
+            untrained[day] = [entity for entity in reasons if entity not in models]
             entities.save_entity_models(
                 model_path(warehouse, source, day),
                 {e: (m.detectors, m.manifest()) for e, m in models.items()},
             )
-            frames[day] = _entity_model_summary(source, models, untrained[day])
+            frames[day] = _entity_model_summary(source, models, reasons)
             upstream += [("features", day)] if frames[day]["cold_start"].any() and not cold_start else []
             training_scores, thresholds = _pooled_training_scores(source, models)
         written.append(warehouse.write_partition(source.name, "model", day, frames[day], upstream))
@@ -352,8 +353,8 @@ def _train_entities(
     cold_start: bool,
     labels: pd.Series | None,
 ) -> tuple[dict[str, modeling.TrainedModel], dict[str, str]]:
-    """One model per entity of ``day``, on that entity's rows of the training window, and the
-    entities left untrained with the reason.
+    """One model per entity of ``day``, on that entity's rows of the training window, and why an
+    entity was not trained on its history (an entity absent from the models is untrained).
 
     An entity with no usable earlier rows (new today, back after a silence, or the source's first
     day) is fitted on its own day and marked ``cold_start``, as a new source is. One that cannot be
@@ -361,7 +362,7 @@ def _train_entities(
     every other entity's model.
     """
     past = {} if cold_start else dict(entities.split(source, history))
-    models, untrained = {}, {}
+    models, reasons = {}, {}
     for entity, rows in entities.split(source, today):
         earlier = past.get(entity)
         attempts = [(rows, [day], True)]
@@ -374,21 +375,26 @@ def _train_entities(
                 break
             except ValueError as error:
                 failures.append(str(error))
-        if entity not in models:
-            untrained[entity] = f"{source.entity}={entity!r} on {day}: {'; then '.join(failures)}"
-    return models, untrained
+        if failures:
+            reasons[entity] = f"{source.entity}={entity!r} on {day}: {'; then '.join(failures)}"
+    return models, reasons
 
 
 def _entity_model_summary(
-    source: SourceConfig, models: dict[str, modeling.TrainedModel], untrained: dict[str, str]
+    source: SourceConfig, models: dict[str, modeling.TrainedModel], reasons: dict[str, str]
 ) -> pd.DataFrame:
-    """Every entity's detectors; an untrained entity has one row per detector with method
-    ``untrained`` and the reason, so that its missing scores are explained in the catalog."""
+    """Every entity's detectors, with ``note`` saying why one was not trained on its history; an
+    untrained entity has one row per detector with method ``untrained`` and the reason, so that its
+    missing scores are explained in the catalog."""
     summaries = [
-        entities.with_entity(source, modeling.model_summary(source, model), entity)
+        entities.with_entity(source, modeling.model_summary(source, model), entity).assign(
+            note=reasons.get(entity)
+        )
         for entity, model in models.items()
     ]
-    for entity, reason in untrained.items():
+    for entity, reason in reasons.items():
+        if entity in models:
+            continue
         rows = [
             {
                 "detector": detector.name,
@@ -398,6 +404,7 @@ def _entity_model_summary(
                 "threshold_params": json.dumps({"reason": reason}),
                 "training_rows": 0,
                 "cold_start": False,  # not fitted at all (a cold start is fitted on its own day)
+                "note": reason,
             }
             for detector in source.detectors
         ]
