@@ -990,9 +990,9 @@ class StreamScorer:
             if strongest == self.lead and lead_signed is not None:
                 signed = lead_signed[index]
             else:
-                earlier = pd.concat([before, frame.iloc[:index]], ignore_index=True)
                 detector = self.detectors[strongest]
-                signed = detector.explain(frame.iloc[[index]], **_shingle_history(detector, earlier))[0]
+                history = _shingle_history(detector, before, frame.iloc[:index])
+                signed = detector.explain(frame.iloc[[index]], **history)[0]
             row.update(
                 score=float(scores[self.lead][index]),
                 threshold=self.thresholds[self.lead],
@@ -1075,17 +1075,25 @@ class StreamScorer:
         self.tail_rows = arrays.get("tail_rows", self.tail_rows)
 
 
+def _digest(start: bytes) -> str:
+    """A saved position's check on its file: a digest of the first bytes before it (at most HEAD_BYTES),
+    which tells the file the position was taken in from another one put in its place."""
+    return hashlib.sha256(start[:HEAD_BYTES]).hexdigest()
+
+
 def _shingle(detector: Detector) -> int:
     return detector.forest.shingle_size if isinstance(detector, RCFDetector) else 1
 
 
-def _shingle_history(detector: Detector, before: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """``history=`` for a shingled forest scoring a few windows: the last rows before them that it can
-    take complete their shingles, as they would in one batch (which skips rows with a gap)."""
-    if _shingle(detector) == 1 or not len(before):
+def _shingle_history(detector: Detector, *before: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``history=`` for a shingled forest scoring a few windows: the last rows before them (``before``,
+    in order) that it can take complete their shingles, as they would in one batch (which skips rows
+    with a gap). Nothing is joined for any other detector."""
+    if _shingle(detector) == 1:
         return {}
     assert isinstance(detector, RCFDetector)
-    return {"history": before[detector.usable_rows(before)].tail(_shingle(detector) - 1)}
+    rows = pd.concat(before, ignore_index=True) if len(before) > 1 else before[0]
+    return {"history": rows[detector.usable_rows(rows)].tail(_shingle(detector) - 1)} if len(rows) else {}
 
 
 def _finite(value: float) -> float | None:
@@ -1159,12 +1167,14 @@ class FileTransport:
         self._handle = gzip.open(path, "rb") if self._compressed else open(path, "rb")  # noqa: SIM115
         self._lines = _LineBuffer()
         self._read = 0
+        self._start = b""  # the file's first bytes (up to HEAD_BYTES), as read: what identifies it
         self._done = False
 
     def read(self, timeout: float) -> bytes | None:
         if self._done:
             return None
         data = self._handle.read(READ_BYTES)
+        self._start += data[: HEAD_BYTES - len(self._start)]
         if not data:
             self._done = True
             if self._compressed:
@@ -1186,11 +1196,14 @@ class FileTransport:
 
     def position(self) -> dict[str, Any]:
         offset = self._read - len(self._lines.pending)
-        return {"offset": offset, "head": self._head(offset)}
+        return {"offset": offset, "head": _digest(self._start[:offset])}
 
     def seek(self, position: Any) -> bool:
         offset = int(position["offset"]) if isinstance(position, dict) else int(position)  # int: older states
-        if isinstance(position, dict) and self._head(offset) != position["head"]:
+        opener = gzip.open if self._compressed else open
+        with opener(self.name, "rb") as handle:
+            start = handle.read(min(offset, HEAD_BYTES))
+        if isinstance(position, dict) and _digest(start) != position["head"]:
             LOG.warning(
                 "%s is not the file the state was saved for (its first bytes differ: rotated or "
                 "replaced): reading it from its start",
@@ -1198,15 +1211,8 @@ class FileTransport:
             )
             return False
         self._handle.seek(offset)
-        self._read = offset
+        self._read, self._start = offset, start
         return True
-
-    def _head(self, offset: int) -> str:
-        """A digest of the file's first bytes (up to ``offset``, at most HEAD_BYTES), read afresh: what
-        tells the file a position was taken in from another one put in its place."""
-        opener = gzip.open if self._compressed else open
-        with opener(self.name, "rb") as handle:
-            return hashlib.sha256(handle.read(min(offset, HEAD_BYTES))).hexdigest()
 
     def commit(self) -> None:
         pass

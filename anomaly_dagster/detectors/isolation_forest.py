@@ -11,13 +11,15 @@ shorter than average its path was, signed by the side taken (above the threshold
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import IsolationForest
 
 from anomaly_dagster.detectors.base import Detector
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import IsolationForest
 
 LEAF = -1
 
@@ -51,6 +53,10 @@ class IsolationForestDetector(Detector):
         values = values[np.isfinite(values).all(axis=1)]
         if len(values) < 2:
             raise ValueError("isolation forest needs at least two finite rows to fit")
+        # imported here: scikit-learn takes over a second to import, and loading a source's config
+        # imports every detector class to check its parameters
+        from sklearn.ensemble import IsolationForest
+
         forest = IsolationForest(
             n_estimators=self.params["n_estimators"],
             max_samples=min(self.params["max_samples"], len(values)),

@@ -1232,9 +1232,10 @@ def _in_threads(work: Callable[[int, int], object], count: int, threads: int) ->
 
 
 def float32_finite(values: np.ndarray) -> np.ndarray:
-    """Which values a forest can take: finite, and finite in float32 (1e42 is a float64, not a float32)."""
-    values = np.asarray(values, dtype=np.float64)
-    return np.isfinite(values) & (np.abs(values) <= np.finfo(np.float32).max)
+    """Which values a forest can take: finite once rounded to float32, the rule ``_rows`` refuses by
+    (1e42 is a float64, not a float32)."""
+    with np.errstate(over="ignore"):
+        return np.isfinite(np.asarray(values, dtype=np.float32))
 
 
 def fold_attribution(attribution: np.ndarray, shingle_size: int) -> np.ndarray:
