@@ -139,7 +139,15 @@ def file_format(path: Path) -> str:
 
 
 def discover(source: SourceConfig, landing_dir: Path) -> list[Path]:
-    """Files in the landing folder matching any of the source's glob patterns, sorted, no duplicates."""
+    """Files in the landing folder matching any of the source's glob patterns, sorted, no duplicates.
+
+    An empty folder is fine (a retention job may have emptied it); a folder that does not exist is a
+    wrong ``ANOMALY_LANDING_DIR``, which would otherwise ingest nothing and report no incidents."""
+    if not Path(landing_dir).is_dir():
+        raise LandingFileError(
+            f"landing folder {landing_dir} does not exist (set ANOMALY_LANDING_DIR to the folder "
+            f"holding {source.name}'s files {source.files})"
+        )
     found = {
         path.resolve()
         for pattern in source.files

@@ -48,7 +48,10 @@ def landing_sensor(
 
     @dg.sensor(name=f"{source.name}_landing", job=job, minimum_interval_seconds=60)
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        files = ingest.discover(source, Path(landing_dir))
+        try:
+            files = ingest.discover(source, Path(landing_dir))
+        except ingest.LandingFileError as error:  # no landing folder (yet): say so on every tick
+            return dg.SensorResult(skip_reason=str(error))
         index = ingest.LandingIndex(
             Warehouse(Path(warehouse_dir)).asset_dir(source.name, "landing_index") / "index.json"
         )

@@ -130,6 +130,18 @@ def test_discover_matches_source_globs(mixed, source: SourceConfig) -> None:
     ]
 
 
+def test_a_landing_folder_that_does_not_exist_is_an_error_not_an_empty_day(
+    tmp_path, source: SourceConfig
+) -> None:
+    """A mistyped ANOMALY_LANDING_DIR ingested nothing, and the run reported a quiet day."""
+    with pytest.raises(
+        LandingFileError, match=r"landing folder .*nowhere does not exist .*ANOMALY_LANDING_DIR"
+    ):
+        discover(source, tmp_path / "nowhere")
+    (tmp_path / "emptied").mkdir()
+    assert discover(source, tmp_path / "emptied") == []  # emptied by a retention job: fine
+
+
 def test_index_gives_each_files_days(mixed) -> None:
     by_name = {Path(entry.path).name: entry for entry in mixed["entries"]}
     assert set(by_name) == {

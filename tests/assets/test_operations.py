@@ -61,6 +61,16 @@ def test_landing_sensor_runs_the_days_new_or_changed_files_touch_as_one_range(tm
     assert days == {"2020-07-07", "2020-07-08", "2020-07-09"}
 
 
+def test_landing_sensor_without_its_folder_skips_saying_which_folder(tmp_path):
+    """It found no files and said nothing: a mistyped landing folder looked like a quiet source."""
+    defs = build_definitions(load_sources(), str(tmp_path / "nowhere"), str(tmp_path / "warehouse"))
+    sensor = defs.resolve_sensor_def("clickstream_landing")
+    instance = dg.DagsterInstance.ephemeral()
+    tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert tick.run_requests == []
+    assert "nowhere does not exist" in tick.skip_message
+
+
 def test_daily_schedule_targets_yesterday(tmp_path):
     defs = build_definitions(load_sources(), str(tmp_path), str(tmp_path / "warehouse"))
     schedule = defs.resolve_schedule_def("clickstream_daily")
