@@ -468,7 +468,8 @@ def load_source(path: Path) -> SourceConfig:
     """Load and validate one source file; errors name the file and the offending field."""
     try:
         document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
+    # ValueError: a YAML date that is not a calendar day (start_date: 2024-13-01, 2024-02-30)
+    except (OSError, yaml.YAMLError, ValueError) as error:
         raise ConfigError(f"{path}: cannot read source config: {error}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: a source config must be a mapping of settings")
@@ -495,8 +496,15 @@ def load_sources(directories: list[Path] | None = None) -> dict[str, SourceConfi
     for directory in directories if directories is not None else sources_dirs():
         if not directory.is_dir():
             raise ConfigError(f"sources directory {directory} does not exist")
+        here: dict[str, Path] = {}
         for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
             source = load_source(path)
+            if source.name in here:  # which one wins would depend on how the files sort
+                raise ConfigError(
+                    f"{path}: source name {source.name!r} is also defined in {here[source.name]}; "
+                    "rename or remove one of them"
+                )
+            here[source.name] = path
             sources[source.name] = source
     return sources
 

@@ -128,6 +128,16 @@ def test_missing_sources_directory_is_an_error(tmp_path: Path) -> None:
         load_sources([tmp_path / "nowhere"])
 
 
+def test_two_files_of_one_folder_defining_a_source_is_an_error(tmp_path: Path) -> None:
+    """Which of the two would win depends on how the files sort (a backup ``checkout_old.yml`` won)."""
+    write_source(tmp_path, base_document(), "clickstream.yaml")
+    older = base_document()
+    older["bucket_minutes"] = 5
+    write_source(tmp_path, older, "clickstream_old.yml")
+    with pytest.raises(ConfigError, match=r"'clickstream' is also defined in .*clickstream\.yaml"):
+        load_sources([tmp_path])
+
+
 # --- invalid identifiers -----------------------------------------------------------------------------
 
 
@@ -247,6 +257,16 @@ def test_unparseable_yaml_is_rejected_naming_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_source(path)
     assert str(raised.value).startswith(f"{path}: cannot read source config")
+
+
+def test_a_day_that_is_not_in_the_calendar_is_rejected_naming_file(tmp_path: Path) -> None:
+    """YAML reads ``2024-13-01`` as a date and fails with a plain ValueError, not a YAML error."""
+    document = base_document()
+    path = tmp_path / "dated.yaml"
+    text = yaml.safe_dump(document).replace(f"start_date: {document['start_date']}", "start_date: 2024-13-01")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}: cannot read source config: month must be in 1..12"):
+        load_source(path)
 
 
 # --- cross-field checks ------------------------------------------------------------------------------
