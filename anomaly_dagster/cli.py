@@ -54,6 +54,11 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     source = _source(args.source)
     start = args.start or source.start_date
+    if start < source.start_date:
+        raise UsageError(
+            f"--start {start} is before {source.name}'s start_date {source.start_date}: those days are no "
+            "partitions and their events would be quarantined; start on or after it"
+        )
     result = GENERATORS[args.source](Path(args.out), days=args.days, start=start, seed=args.seed)
     print(f"wrote {len(result.files)} files to {args.out}; labels in {result.labels}")
     print(f"partitions: {start.isoformat()} .. {(start + timedelta(days=args.days - 1)).isoformat()}")
@@ -92,7 +97,12 @@ def _report(args: argparse.Namespace) -> int:
             "WHERE detector = 'ensemble' GROUP BY 1 ORDER BY 1"
         )
         predicted = pd.Series(scores["is_anomaly"].to_numpy(), index=pd.DatetimeIndex(scores["bucket_start"]))
-        labels = load_labels(Path(args.labels), source.bucket_minutes, source.start_date)
+        try:
+            # a 0/1 line starts where the source's labels say, as the evaluation asset reads it
+            first_day = (source.labels.first_day if source.labels is not None else None) or source.start_date
+            labels = load_labels(Path(args.labels), source.bucket_minutes, first_day)
+        except ValueError as error:  # a bad labels file: one line naming it, not a traceback
+            raise UsageError(f"--labels: {error}") from None
         print("against labels:", evaluate(predicted, labels, source.bucket_minutes).to_dict())
     print(f"tables: {warehouse.catalog_path} (schema {name}); Parquet under {warehouse.root / name}")
     print(f"plots: {warehouse.root / name / 'plots'}")

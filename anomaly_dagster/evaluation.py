@@ -31,6 +31,12 @@ def load_labels(path: Path, bucket_minutes: int, first_day: date | None = None) 
         index = pd.date_range(pd.Timestamp(first_day), periods=len(flags), freq=step)
         return pd.Series(flags, index=index, name="label")
     ranges = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [column for column in ("start", "end") if column not in ranges.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: a label range file needs a header line with 'start,end[,kind]' (missing {missing}; "
+            f"its first line is {first_line!r}); a 0/1 label file is one line of comma-separated flags"
+        )
     starts = []
     for line, row in enumerate(ranges.itertuples(), start=2):
         first, last = (_label_time(path, line, getattr(row, column), step) for column in ("start", "end"))

@@ -14,7 +14,7 @@ from anomaly_dagster.config import PACKAGE_SOURCES_DIR, load_sources
 from anomaly_dagster.definitions import build_definitions
 
 
-def test_generate_then_report(tmp_path, capsys):
+def test_generate_then_report(tmp_path, capsys, monkeypatch):
     landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
     assert main(["generate", "clickstream", "--days", "2", "--out", str(landing), "--seed", "5"]) == 0
     printed = capsys.readouterr().out
@@ -50,6 +50,24 @@ def test_generate_then_report(tmp_path, capsys):
         == 2
     )
     assert "no.csv" in capsys.readouterr().err
+    # a 0/1 label line starts on the source's labels.first_day, as the evaluation asset reads it (the
+    # report aligned it to start_date): label exactly the flagged buckets of 07-08, found from 07-08 on
+    scores = pd.read_parquet(warehouse / "clickstream" / "scores" / "date=2020-07-08" / "part.parquet")
+    flags = scores[scores["detector"] == "ensemble"].sort_values("bucket_start")["is_anomaly"]
+    assert flags.any()
+    line = tmp_path / "flags_from_0708.csv"
+    line.write_text(",".join(str(int(flag)) for flag in flags))
+    own = yaml.safe_load((PACKAGE_SOURCES_DIR / "clickstream.yaml").read_text())
+    own["labels"] = {"path": str(line), "first_day": "2020-07-08"}
+    (tmp_path / "sources").mkdir()
+    (tmp_path / "sources" / "clickstream.yaml").write_text(yaml.safe_dump(own))
+    monkeypatch.setenv("ANOMALY_SOURCES_DIR", str(tmp_path / "sources"))
+    assert main(["report", "clickstream", "--warehouse", str(warehouse), "--labels", str(line)]) == 0
+    assert "against labels: {'precision': 1.0, 'recall': 1.0, 'f1': 1.0" in capsys.readouterr().out
+    one_per_line = tmp_path / "flags.csv"
+    one_per_line.write_text("0\n1\n0\n")
+    assert main(["report", "clickstream", "--warehouse", str(warehouse), "--labels", str(one_per_line)]) == 2
+    assert "--labels: " in capsys.readouterr().err
 
 
 def test_unknown_generator_is_a_clear_error(tmp_path, capsys):
@@ -67,6 +85,9 @@ def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch
         with pytest.raises(SystemExit) as stopped:
             main(["generate", "clickstream", "--out", str(tmp_path), flag, value])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
+    # days before the source's start_date are no partitions: their events would be quarantined
+    assert main(["generate", "clickstream", "--out", str(tmp_path), "--start", "2020-07-01"]) == 2
+    assert "before clickstream's start_date 2020-07-07" in capsys.readouterr().err
     monkeypatch.setenv("ANOMALY_SOURCES_DIR", str(tmp_path / "nope"))
     assert main(["generate", "clickstream", "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err

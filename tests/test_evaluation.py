@@ -101,6 +101,23 @@ def test_a_range_that_labels_nothing_is_an_error_naming_its_line(
         load_labels(path, bucket_minutes=10)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0\n1\n1\n0\n",  # one flag per line, not one line of flags
+        "2020-07-07 09:00:00,2020-07-07 09:20:00\n",  # a range file without its header line
+    ],
+)
+def test_a_labels_file_in_neither_format_is_an_error_saying_what_is_expected(
+    tmp_path: Path, text: str
+) -> None:
+    """These crashed (no ``start`` attribute) or, for a headerless range file, labelled nothing at all."""
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="needs a header line with 'start,end"):
+        load_labels(path, bucket_minutes=10, first_day=date(2020, 7, 7))
+
+
 def test_ranges_csv_without_kind_column(tmp_path: Path) -> None:
     path = tmp_path / "incidents.csv"
     path.write_text("start,end\n2020-07-09 00:00:00,2020-07-09 00:20:00\n")
