@@ -253,6 +253,10 @@ class DeepARDetector(BandDetector):
         for start in np.unique(starts[positions >= self.min_context]):
             rows = (starts == start) & (positions >= start)
             forecast = self._forecast(int(start), int(positions[rows].max() - start + 1))
+            # a forecast whose context holds no observation of a feature (it starts after a missing day)
+            # is a degenerate band around nothing: that feature has no band there, as before min_context
+            context = self.history[:, max(0, int(start) - self.context_length) : int(start)]
+            forecast[:, :, ~np.isfinite(context).any(axis=1)] = np.nan
             bounds[:, rows] = forecast[:, positions[rows] - start]
         return bounds
 

@@ -135,6 +135,28 @@ def test_a_missing_day_lengthens_the_horizon(fitted) -> None:
     assert np.isfinite(fitted.band(later).to_numpy()).all()
 
 
+@pytest.mark.slow
+def test_a_missing_day_inside_the_window_does_not_blow_up_the_band(training) -> None:
+    """A day left out of the window (no rows: an outage day the walk-forward skips) gives the backtest that
+    starts after it an all-missing context; its degenerate forecast must not calibrate the band."""
+    gappy = training[pd.DatetimeIndex(training["bucket_start"]).normalize() != pd.Timestamp("2020-07-09")]
+    detector = DeepARDetector(FEATURES, **FAST).fit(gappy)
+    assert (detector.factors < 10).all(), detector.factors
+    day = daily_frame(1, seed=2, first_day="2020-07-11")
+    day.loc[DROP_ROW, "users"] = 1000.0
+    assert detector.score(day)[DROP_ROW] > 1.0
+
+
+@pytest.mark.slow
+def test_a_window_ending_without_observations_flags_nothing_it_cannot_forecast(training) -> None:
+    """The window's last day has no value at all (a silent sensor's means): a forecast from it would be a
+    band of width ~0 around 0 that flags every bucket of the next day."""
+    silent = training.copy()
+    silent.loc[3 * SLOTS :, FEATURES] = np.nan
+    detector = DeepARDetector(FEATURES, **FAST).fit(silent)
+    assert (detector.score(daily_frame(1, seed=2, first_day="2020-07-11")) == 0).all()
+
+
 def test_rows_need_a_bucket_start(training) -> None:
     with pytest.raises(KeyError, match="bucket_start"):
         DeepARDetector(FEATURES).fit(training.drop(columns="bucket_start"))
