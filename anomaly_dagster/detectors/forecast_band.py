@@ -159,9 +159,10 @@ class SeasonalBandDetector(BandDetector):
             self.factors = widen_factors(values, self._raw(slots), self.coverage)
             return self
         held_out = np.full((3, *values.shape), np.nan)  # NaN: a day with nothing to hold it against
+        measured = np.isfinite(values).any(axis=0)  # a feature never measured has no band at all
         for day in np.unique(days):
             held = days == day
-            if not np.isfinite(values[~held]).all(axis=1).any():  # the other days had no data (an outage)
+            if not np.isfinite(values[~held][:, measured]).all(axis=1).any():  # the other days had no data
                 continue
             quantiles = self._profile(values[~held], slots[~held])
             held_out[:, held] = np.moveaxis(quantiles[slots[held]], 1, 0)

@@ -40,8 +40,21 @@ class IsolationForestDetector(Detector):
     kind: ClassVar[str] = "isolation_forest"
 
     def __init__(
-        self, features: list[str], n_estimators: int = 100, max_samples: int = 256, random_state: int = 0
+        self,
+        features: list[str],
+        n_estimators: int = 100,
+        max_samples: int | float | str = 256,
+        random_state: int = 0,
     ) -> None:
+        # as scikit-learn: a count, a share of the rows in (0, 1], or "auto" (256)
+        if max_samples == "auto":
+            max_samples = 256
+        valid_count = isinstance(max_samples, int) and not isinstance(max_samples, bool) and max_samples >= 1
+        valid_share = isinstance(max_samples, float) and 0.0 < max_samples <= 1.0
+        if not (valid_count or valid_share):
+            raise ValueError(
+                f"isolation_forest max_samples must be a count >= 1, a share in (0, 1] or 'auto', got {max_samples!r}"
+            )
         super().__init__(
             features, n_estimators=n_estimators, max_samples=max_samples, random_state=random_state
         )
@@ -59,7 +72,9 @@ class IsolationForestDetector(Detector):
 
         forest = IsolationForest(
             n_estimators=self.params["n_estimators"],
-            max_samples=min(self.params["max_samples"], len(values)),
+            max_samples=min(self.params["max_samples"], len(values))
+            if isinstance(self.params["max_samples"], int)
+            else self.params["max_samples"],
             random_state=self.params["random_state"],
         ).fit(values)
         self.samples_per_tree = int(forest.max_samples_)

@@ -32,18 +32,27 @@ def slot_statistics(
     """(n_slots, ...) result of ``reducer`` over the rows of each slot's circular neighbourhood.
 
     With ``window`` None there is one slot holding every row. ``reducer`` takes an (m, d)
-    array (NaN rows already removed) and returns a fixed-shape array.
+    array (NaN rows already removed) and returns a fixed-shape array whose last axis is the feature.
+    A feature with no finite value in the whole window gets NaN statistics (it is not scored, as a
+    missing value is not) instead of leaving the other features without a single row.
     """
-    finite = np.isfinite(values).all(axis=1)
-    values, slots = values[finite], slots[finite]
+    measured = np.isfinite(values).any(axis=0)
+    finite = np.isfinite(values[:, measured]).all(axis=1)
+    values, slots = values[finite][:, measured], slots[finite]
     if len(values) == 0:
         raise ValueError("cannot fit on a window with no finite rows")
     if window is None:
-        return reducer(values)[np.newaxis, ...]
-    results = []
-    for slot in range(n_slots):
-        distance = np.abs(slots - slot)
-        distance = np.minimum(distance, n_slots - distance)
-        chosen = values[distance <= window]
-        results.append(reducer(chosen if len(chosen) else values))
-    return np.stack(results)
+        result = reducer(values)[np.newaxis, ...]
+    else:
+        results = []
+        for slot in range(n_slots):
+            distance = np.abs(slots - slot)
+            distance = np.minimum(distance, n_slots - distance)
+            chosen = values[distance <= window]
+            results.append(reducer(chosen if len(chosen) else values))
+        result = np.stack(results)
+    if measured.all():
+        return result
+    full = np.full((*result.shape[:-1], len(measured)), np.nan)
+    full[..., measured] = result
+    return full

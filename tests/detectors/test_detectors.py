@@ -363,3 +363,27 @@ def test_registry_knows_config_kinds() -> None:
     assert detector_class("iqr") is IQRDetector
     with pytest.raises(ValueError, match="unknown detector kind 'lof'"):
         detector_class("lof")
+
+
+@pytest.mark.parametrize("kind", ["zscore", "iqr"])
+def test_a_feature_never_measured_in_the_window_does_not_stop_the_others(kind: str, training, scored) -> None:
+    """Per-feature detectors score rows with some features missing; a feature with no value all window
+    (a mean of an optional column, a ratio whose denominator stayed 0) must not make the fit fail."""
+    dirty = training.copy()
+    dirty["residual"] = np.nan
+    detector = profile_detector(kind).fit(dirty)
+    reference = {"zscore": RobustZScoreDetector, "iqr": IQRDetector}[kind](["users", "clicks"]).fit(training)
+    explanation = detector.explain(scored)
+    np.testing.assert_array_equal(explanation[:, :2], reference.explain(scored))
+    assert np.isnan(explanation[:, 2]).all()
+    assert np.isfinite(detector.score(scored)).all()
+
+
+def test_isolation_forest_max_samples_as_in_scikit_learn(training) -> None:
+    assert IsolationForestDetector(FEATURES, max_samples="auto").fit(training).samples_per_tree == 256
+    assert (
+        IsolationForestDetector(FEATURES, max_samples=0.5).fit(training).samples_per_tree
+        == len(training) // 2
+    )
+    with pytest.raises(ValueError, match="max_samples"):
+        IsolationForestDetector(FEATURES, max_samples="all")

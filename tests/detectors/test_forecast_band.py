@@ -181,3 +181,13 @@ def test_save_and_load_give_identical_bands(fitted, tmp_path: Path, monkeypatch)
 def test_coverage_must_be_a_share() -> None:
     with pytest.raises(ValueError, match="coverage"):
         SeasonalBandDetector(FEATURES, coverage=1.0)
+
+
+def test_a_feature_never_measured_in_the_window_has_no_band_and_the_others_do(training) -> None:
+    dirty = training.copy()
+    dirty["clicks"] = np.nan
+    detector = SeasonalBandDetector(FEATURES).fit(dirty)
+    bounds = detector.bounds(training)
+    assert np.isnan(bounds[:, :, FEATURES.index("clicks")]).all()
+    assert np.isfinite(np.delete(bounds, FEATURES.index("clicks"), axis=2)).all()
+    assert np.isfinite(detector.score(training)).all()
