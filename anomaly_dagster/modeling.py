@@ -170,7 +170,8 @@ def score(
                     else np.where(raw > threshold, np.inf, 0.0),
                     "is_anomaly": raw > threshold,
                     "top_feature": np.asarray(detector.features)[top],
-                    "direction": np.where(signed_top >= 0, "HIGH", "LOW"),
+                    # a row with no measured value has no direction ("", not the LOW of NaN >= 0)
+                    "direction": np.where(np.isnan(signed_top), "", np.where(signed_top >= 0, "HIGH", "LOW")),
                     "attribution": [explanation_json(detector.features, row) for row in contributions],
                     "expected": [None] * len(features) if expected is None else _expected_json(expected),
                 }

@@ -193,3 +193,24 @@ def test_expected_values_are_strict_json_when_a_band_is_missing():
         json.loads(text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}")) for text in expected
     ]
     assert set(parsed[0]) == {"clicks"} and set(parsed[100]) == {"users", "clicks"}
+
+
+def test_a_row_without_measured_values_has_no_direction():
+    """Nothing measured: the attribution says strength 0 for every feature, so the direction must not say LOW."""
+    source = SOURCE.model_copy(
+        update={
+            "detectors": [_only("robust_zscore", ["users", "clicks"])],
+            "ensemble": EnsembleConfig(detectors=["only"]),
+        }
+    )
+    features = _features(rows=3 * 144)
+    model = train(source, features, [DAY], False)
+    day = features.iloc[:144].copy()
+    day.loc[5, ["users", "clicks"]] = np.nan
+    scored = score(source, day, model.detectors, {"only": model.thresholds["only"].value})
+    row = scored[
+        (scored["detector"] == "only") & (scored["bucket_start"] == day.loc[5, "bucket_start"])
+    ].iloc[0]
+    assert row["score"] == 0.0
+    assert row["direction"] not in ("LOW", "HIGH")
+    assert scored.loc[scored["detector"] == "only", "direction"].isin(["HIGH", "LOW", ""]).all()
