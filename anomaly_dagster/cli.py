@@ -103,7 +103,8 @@ def _report(args: argparse.Namespace) -> int:
             labels = load_labels(Path(args.labels), source.bucket_minutes, first_day)
         except ValueError as error:  # a bad labels file: one line naming it, not a traceback
             raise UsageError(f"--labels: {error}") from None
-        print("against labels:", evaluate(predicted, labels, source.bucket_minutes).to_dict())
+        result = evaluate(predicted, labels, source.bucket_minutes, source.incident_gap_buckets)
+        print("against labels:", result.to_dict())
     print(f"tables: {warehouse.catalog_path} (schema {name}); Parquet under {warehouse.root / name}")
     print(f"plots: {warehouse.root / name / 'plots'}")
     return 0

@@ -29,7 +29,9 @@ def load_labels(path: Path, bucket_minutes: int, first_day: date | None = None) 
             raise ValueError(f"{path}: a 0/1 label line needs the day its first bucket belongs to")
         flags = np.array([int(value) for value in first_line.split(",")], dtype=bool)
         index = pd.date_range(pd.Timestamp(first_day), periods=len(flags), freq=step)
-        return pd.Series(flags, index=index, name="label")
+        labels = pd.Series(flags, index=index, name="label")
+        labels.attrs["dense"] = True  # every bucket of its span is labelled, the buckets after it are not
+        return labels
     ranges = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [column for column in ("start", "end") if column not in ranges.columns]
     if missing:
@@ -82,12 +84,13 @@ def source_labels(source: SourceConfig, landing_dir: Path) -> pd.Series | None:
     return load_labels(path, source.bucket_minutes, source.labels.first_day or source.start_date)
 
 
-def segments(flags: pd.Series, step: pd.Timedelta) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
-    """Runs of consecutive True buckets as (first, last) bucket starts."""
+def segments(flags: pd.Series, step: pd.Timedelta, gap: int = 0) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """Runs of consecutive True buckets as (first, last) bucket starts; ``gap`` unflagged buckets
+    between two flags keep them in one run, as ``incident_gap_buckets`` does for incidents."""
     on = flags[flags].index.sort_values()
     if len(on) == 0:
         return []
-    breaks = np.flatnonzero(np.diff(on.asi8) != step.value) + 1
+    breaks = np.flatnonzero(np.diff(on.asi8) > step.value * (gap + 1)) + 1
     return [(chunk[0], chunk[-1]) for chunk in np.split(on, breaks)]
 
 
@@ -106,16 +109,26 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluate(predicted: pd.Series, labels: pd.Series, bucket_minutes: int) -> Evaluation:
-    """Compare boolean per-bucket predictions with labels over the predictions' buckets."""
+def labelled_span(index: pd.DatetimeIndex, labels: pd.Series) -> np.ndarray:
+    """Which buckets of ``index`` the labels speak about: all of them for labelled ranges (a bucket in
+    no range is normal), only those inside the line for a 0/1 line (after its end nothing is known)."""
+    if not labels.attrs.get("dense") or labels.empty:
+        return np.ones(len(index), dtype=bool)
+    return np.asarray((index >= labels.index[0]) & (index <= labels.index[-1]))
+
+
+def evaluate(predicted: pd.Series, labels: pd.Series, bucket_minutes: int, gap: int = 0) -> Evaluation:
+    """Compare boolean per-bucket predictions with labels over the predictions' buckets. Predicted
+    incidents are merged across ``gap`` unflagged buckets, like the incidents table."""
     step = pd.Timedelta(minutes=bucket_minutes)
+    predicted = predicted[labelled_span(predicted.index, labels)]
     truth = labels.reindex(predicted.index, fill_value=False).astype(bool)
     predicted = predicted.astype(bool)
     true_positive = int((predicted & truth).sum())
     precision = true_positive / int(predicted.sum()) if predicted.any() else 0.0
     recall = true_positive / int(truth.sum()) if truth.any() else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    labelled, found = segments(truth, step), segments(predicted, step)
+    labelled, found = segments(truth, step), segments(predicted, step, gap)
     delays = []
     for start, end in labelled:
         hits = predicted[start:end]
@@ -144,12 +157,15 @@ def precision_recall_curve(scores: np.ndarray, truth: np.ndarray) -> tuple[np.nd
     return hits / flagged, hits / positives
 
 
-def evaluation_table(scores: pd.DataFrame, labels: pd.Series, bucket_minutes: int) -> pd.DataFrame:
+def evaluation_table(
+    scores: pd.DataFrame, labels: pd.Series, bucket_minutes: int, gap: int = 0
+) -> pd.DataFrame:
     """One row per detector (and the ensemble): point and event metrics over the scored buckets."""
     rows = []
     for detector, frame in scores.groupby("detector", sort=True):
+        frame = frame[labelled_span(pd.DatetimeIndex(frame["bucket_start"]), labels)]
         flags = pd.Series(frame["is_anomaly"].to_numpy(), index=pd.DatetimeIndex(frame["bucket_start"]))
-        result = evaluate(flags.sort_index(), labels, bucket_minutes)
+        result = evaluate(flags.sort_index(), labels, bucket_minutes, gap)
         rows.append(
             {
                 "detector": detector,

@@ -23,7 +23,12 @@ import pandas as pd
 from anomaly_dagster import checks, entities, ingest, modeling, plots
 from anomaly_dagster.config import SourceConfig, stage_engine
 from anomaly_dagster.detectors import load_detectors, save_detectors
-from anomaly_dagster.evaluation import evaluation_table, precision_recall_curve, source_labels
+from anomaly_dagster.evaluation import (
+    evaluation_table,
+    labelled_span,
+    precision_recall_curve,
+    source_labels,
+)
 from anomaly_dagster.features import build_features
 from anomaly_dagster.incidents import merge_incidents
 from anomaly_dagster.sql import quote_identifier, quote_literal
@@ -609,7 +614,8 @@ def run_evaluation(context: StageContext) -> AssetOutput | None:
         scores = scores.groupby(["bucket_start", "detector"], as_index=False).agg(
             is_anomaly=("is_anomaly", "any"), normalized=("normalized", "max")
         )
-    table = evaluation_table(scores, labels, source.bucket_minutes)
+    scores = scores[labelled_span(pd.DatetimeIndex(scores["bucket_start"]), labels)]  # not past a 0/1 line
+    table = evaluation_table(scores, labels, source.bucket_minutes, source.incident_gap_buckets)
     truth = labels.reindex(pd.DatetimeIndex(scores["bucket_start"]), fill_value=False).to_numpy()
     curves = {
         name: precision_recall_curve(frame["normalized"].to_numpy(), truth[frame.index])

@@ -237,3 +237,35 @@ def test_time_to_detect_uses_bucket_minutes() -> None:
     assert result.mean_time_to_detect_minutes == 90.0
     assert result.false_incidents_per_day == 0.0
     assert result.recall == 0.25
+
+
+def test_a_zero_one_line_says_nothing_about_buckets_after_its_end(tmp_path: Path) -> None:
+    """A 0/1 line of one day against two scored days: the second day's flags were counted as false
+    positives and a false incident, though no label covers that day."""
+    from anomaly_dagster.evaluation import evaluation_table
+
+    path = tmp_path / "labels.csv"
+    path.write_text(",".join(["0"] * 10 + ["1"] * 3 + ["0"] * 131))
+    labels = load_labels(path, bucket_minutes=10, first_day=date(2020, 7, 7))
+    predicted = flags(288, [10, 11, 12, 200, 201, 202])
+    result = evaluate(predicted, labels, bucket_minutes=10)
+    assert (result.precision, result.recall, result.false_incidents, result.false_incidents_per_day) == (
+        1.0,
+        1.0,
+        0,
+        0.0,
+    )
+    scores = pd.DataFrame(
+        {"bucket_start": predicted.index, "detector": "ensemble", "is_anomaly": predicted.to_numpy()}
+    )
+    row = evaluation_table(scores, labels, bucket_minutes=10).iloc[0]
+    assert (row.precision, row.buckets, row.last_bucket) == (1.0, 144, pd.Timestamp("2020-07-07 23:50"))
+
+
+def test_false_incidents_are_counted_like_the_incidents_table_with_a_gap() -> None:
+    """incident_gap_buckets 2: flags at 50, 52, 54, 56 are one incident for on-call (merge_incidents),
+    but the evaluation counted four false incidents per day."""
+    predicted = flags(144, [50, 52, 54, 56, 100, 103, 107])  # 103-107: 3 unflagged
+    result = evaluate(predicted, flags(144, [80, 81]), bucket_minutes=10, gap=2)
+    assert (result.false_incidents, result.false_incidents_per_day) == (3, 3.0)
+    assert evaluate(predicted, flags(144, [80, 81]), bucket_minutes=10).false_incidents == 7  # no gap
