@@ -8,6 +8,7 @@ the top feature and direction at the peak, and what was observed and expected th
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 
@@ -41,7 +42,9 @@ def merge_incidents(
         peak = group.loc[group["score"].idxmax()]
         fired = sorted({name for names in group["detectors"] for name in names.split(",") if name})
         start, end = group["bucket_start"].iloc[0], group["bucket_start"].iloc[-1]
-        observed = {name: float(peak[name]) for name in series or [] if name in peak.index}
+        # a value missing at the peak (a mean over a bucket without readings) is null: json.dumps would
+        # write a bare NaN, which strict JSON readers refuse
+        observed = {name: _finite(peak[name]) for name in series or [] if name in peak.index}
         rows.append(
             {
                 "start": start,
@@ -58,6 +61,11 @@ def merge_incidents(
             }
         )
     return pd.DataFrame(rows, columns=INCIDENT_COLUMNS)
+
+
+def _finite(value: object) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _dtype(column: str) -> str:

@@ -145,6 +145,17 @@ def test_duration_observed_and_expected_at_the_peak() -> None:
     assert json.loads(incident["expected"]) == {"users": 140}
 
 
+def test_observed_is_strict_json_when_a_series_is_missing_at_the_peak() -> None:
+    """A sensor dropout: no readings, so the bucket's mean is missing; observed held a bare NaN."""
+    frame = anomalies(ROWS[:1]).assign(users=[float("nan")], clicks=[0.0])
+    observed = merge_incidents(frame, BUCKET, series=["users", "clicks"]).iloc[0]["observed"]
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    assert json.loads(observed, parse_constant=refuse) == {"users": None, "clicks": 0.0}
+
+
 # --- an incident over midnight: run_detect on a real warehouse ------------------------------------------
 
 
