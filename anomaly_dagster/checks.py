@@ -87,6 +87,10 @@ def events_present(
     failed = {day.isoformat(): why for day, why in short.items() if day in events}
     if failed:
         return CheckOutcome(False, f"too few events on {sorted(failed)}: missing input? {failed}", per_day)
+    if least == 0:
+        return CheckOutcome(
+            True, f"not checked (checks.min_events_per_day is 0) on {len(per_day)} day(s)", per_day
+        )
     return CheckOutcome(
         True,
         f"at least {least} event(s) and {share:.0%} of the median earlier day on each of {len(per_day)} day(s)",

@@ -109,6 +109,8 @@ def test_the_events_check_can_be_off_for_a_log_that_may_be_silent_all_day():
     silent = source.model_copy(update={"checks": source.checks.model_copy(update={"min_events_per_day": 0})})
     history = {date(2020, 7, 13): 28000}
     assert checks.events_present(silent, {date(2020, 7, 14): 0}, history).passed  # both rules off
+    # and it does not claim a day of 0 events had "at least 0 event(s) and 10% of the median earlier day"
+    assert "not checked" in checks.events_present(silent, {date(2020, 7, 14): 0}, history).description
     assert not checks.events_present(source, {date(2020, 7, 14): 0, date(2020, 7, 15): 5}).passed
 
 
