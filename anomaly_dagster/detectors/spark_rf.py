@@ -128,6 +128,11 @@ def _train(values: np.ndarray, truth: np.ndarray, params: dict[str, Any]) -> dic
         table = pq.read_table(Path(directory) / "model" / "data").to_pandas()
     nodes = pd.json_normalize(table["nodeData"].tolist()).assign(tree=table["treeID"].to_numpy())
     nodes = nodes.sort_values(["tree", "id"], ignore_index=True)
+    totals = nodes["impurityStats"].map(lambda counts: float(np.sum(counts)))
+    # a tree whose bootstrap sample drew no row (likely with a few training rows) has a root of zero
+    # weight: MLlib leaves it out of the probability (it adds no vote), so it is left out here too
+    empty = nodes.loc[(nodes["id"] == 0) & (totals == 0), "tree"]
+    nodes = nodes[~nodes["tree"].isin(empty)].reset_index(drop=True)
     start = np.arange(len(nodes)) - nodes["id"].to_numpy()  # a tree's node ids run 0..size-1 (preorder)
     stats = np.array([np.asarray(counts, dtype=np.float64) for counts in nodes["impurityStats"]])
     leaf = nodes["leftChild"].to_numpy() < 0

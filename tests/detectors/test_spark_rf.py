@@ -125,3 +125,16 @@ def test_training_gives_the_detector_the_windows_labels(source, labelled):
     scores = modeling.score(with_rf, features[~training], model.detectors, {"rf": 0.5})
     rf = scores[scores["detector"] == "rf"]
     assert rf["is_anomaly"].any() and set(rf["direction"]) <= {"HIGH", "LOW"}
+
+
+def test_a_few_training_rows_score_as_mllib_does(spark):
+    """With three rows some trees' bootstrap samples are empty: MLlib leaves them out of the
+    probability; they made every score NaN."""
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0]})
+    truth = np.array([False, False, True])
+    detector = SparkRandomForestDetector(["a"]).fit(frame, truth)
+    rows = spark.createDataFrame(frame.assign(label=truth.astype(np.float64)))
+    assembled = VectorAssembler(inputCols=["a"], outputCol="features").transform(rows)
+    forest = RandomForestClassifier(numTrees=50, maxDepth=5, seed=0).fit(assembled)
+    expected = [float(p[1]) for p in forest.transform(assembled).toPandas()["probability"]]
+    np.testing.assert_allclose(detector.score(frame), expected, rtol=1e-12)
