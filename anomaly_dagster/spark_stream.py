@@ -84,6 +84,13 @@ def _glob(source: SourceConfig) -> str:
     return "{" + ",".join(source.files) + "}" if len(source.files) > 1 else source.files[0]
 
 
+def _local_path(uri: Column) -> Column:
+    """A ``file:`` URI from ``input_file_name`` (``file:///a%20b/c.csv``) as the path batch ingestion
+    names (``/a b/c.csv``): percent escapes decoded, a literal ``+`` kept (URL decoding reads it as a blank)."""
+    decoded = F.url_decode(F.replace(uri, F.lit("+"), F.lit("%2B")))
+    return F.regexp_replace(decoded, "^file:(//)?", "")
+
+
 def landing_lines(spark: SparkSession, source: SourceConfig, landing: Path) -> DataFrame:
     """Every line of every new landing file: ``source_file``, ``line`` (1-based), ``text``, ``kind``
     (``csv``/``jsonl``) and the file's ``header`` line. Files are read whole (gzip too), so a
@@ -102,7 +109,7 @@ def landing_lines(spark: SparkSession, source: SourceConfig, landing: Path) -> D
     # split once into a column: an expression over the whole text next to the generator would be
     # evaluated again for every line
     split = files.where(kind.isNotNull()).select(
-        F.regexp_replace("source_file", "^file:", "").alias("source_file"),
+        _local_path(F.col("source_file")).alias("source_file"),
         kind.alias("kind"),
         F.split(F.col("value"), "\n", -1).alias("lines"),
     )

@@ -179,3 +179,22 @@ def test_kafka_without_the_connector_names_the_package(spark):
 def test_an_entity_source_is_refused(caplog):
     assert cli.main(["spark-stream", "--source", "sensors", "--once"]) == 2
     assert "entity column" in caplog.text
+
+
+def test_quarantine_names_the_landing_file_by_its_path(spark, tmp_path):
+    """``input`` is the file's path as batch ingestion names it, not Spark's percent-encoded URI."""
+    from anomaly_dagster.spark_stream import parse_events
+
+    landing = tmp_path / "land ing+é"
+    landing.mkdir()
+    (landing / "clicks_x.csv").write_text("timestamp,page,user,session_id\n2020-07-08 06:00:00,p1,,s\n")
+    query = (
+        parse_events(SOURCE, landing_lines(spark, SOURCE, landing))
+        .writeStream.format("memory")
+        .queryName("stream_paths")
+        .trigger(availableNow=True)
+        .start()
+    )
+    query.awaitTermination()
+    (row,) = spark.sql("SELECT source_file, reason FROM stream_paths").collect()
+    assert (row.source_file, row.reason) == (str((landing / "clicks_x.csv").resolve()), "missing user")
