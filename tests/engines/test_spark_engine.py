@@ -500,3 +500,19 @@ def test_strftime_formats_become_spark_patterns(strftime, pattern):
 def test_unsupported_format_directive_is_refused():
     with pytest.raises(ValueError, match="%z is not supported by the Spark engine"):
         java_datetime_pattern("%Y-%m-%d %H:%M:%S%z")
+
+
+def test_a_carriage_return_inside_a_quoted_field_numbers_lines_alike(spark, tmp_path):
+    """DuckDB ends lines at \\n (or \\r\\n) only: a lone \\r in a quoted value stays in it, and the
+    lines after it keep their numbers. Spark's reader split the value in two and shifted them."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "edge_cr.csv").write_bytes(
+        b"ts,user,amount,note\r\n24/10/2020 11:00:00,u1,1,x\r\n"
+        b'24/10/2020 11:02:00,u3,3,"a\rb"\r\n24/10/2020 11:03:00,u4,4,y\r\n'
+    )
+    source = SourceConfig.model_validate(EDGE_SOURCE)
+    warehouses = run_engines(spark, source, landing, EDGE_DAYS[:1], tmp_path)
+    for asset in ("raw_events", "quarantine"):
+        duckdb_frame, spark_frame = outputs(warehouses, "edge", asset, EDGE_DAYS[0])
+        pd.testing.assert_frame_equal(spark_frame, duckdb_frame)
