@@ -47,10 +47,13 @@ from anomaly_dagster.engines.spark import (
     CSV_FIELD,
     QUOTED,
     SPARK_ERRORS,
+    UNQUOTED_VALUE,
     _cap,
     _shown,
     _trim,
     _utc_timestamp,
+    closed_mid_field,
+    json_type_rejects,
     spark_session,
     too_many_fields,
     typed_fields,
@@ -169,9 +172,15 @@ def _csv_fields(source: SourceConfig) -> tuple[dict[str, Column], Column]:
     )
     width, found = F.size(columns), F.size(fields)
     expected = F.concat(F.lit("Expected Number of Columns: "), width.cast("string"), F.lit(" Found: "))
-    early = F.when(
-        too_many_fields(fields, width), F.concat(F.lit("TOO MANY COLUMNS: "), expected, found.cast("string"))
-    ).when(found < width, F.concat(F.lit("MISSING COLUMNS: "), expected, found.cast("string")))
+    # a quote closed in mid-field (``"u9"x``): DuckDB's reader rejects the line, as the batch engines do
+    early = (
+        F.when(quoted & closed_mid_field(fields), F.lit(UNQUOTED_VALUE))
+        .when(
+            too_many_fields(fields, width),
+            F.concat(F.lit("TOO MANY COLUMNS: "), expected, found.cast("string")),
+        )
+        .when(found < width, F.concat(F.lit("MISSING COLUMNS: "), expected, found.cast("string")))
+    )
     values = {}
     for name in names:
         position = F.array_position(columns, F.lit(name))
@@ -187,6 +196,7 @@ def _json_fields(source: SourceConfig) -> tuple[dict[str, Column], Column]:
     early = F.when(document.isNull(), F.lit("malformed JSON")).when(
         ~F.col("text").rlike(r"^[ \t\r\n]*\{"), F.lit("JSON line is not an object")
     )
+    early = F.coalesce(early, *json_type_rejects(source, document), F.lit(None).cast("string"))
     return {name: F.try_variant_get(document, f"$.{name}", "string") for name in names}, early
 
 
@@ -220,6 +230,10 @@ def parse_events(source: SourceConfig, lines: DataFrame) -> DataFrame:
         (
             F.col("bad_offset"),
             F.concat(F.lit(f"timestamp offset beyond ±{ingest.MAX_OFFSET_HOURS}:00 "), _shown(ts)),
+        ),
+        (
+            utc.isNull() & _trim(ts).rlike(ingest.ZONE_ABBREVIATION),
+            F.concat(F.lit("ambiguous time zone abbreviation in timestamp "), _shown(ts)),
         ),
         (utc.isNull(), F.concat(F.lit("unparseable timestamp "), _shown(ts))),
         (

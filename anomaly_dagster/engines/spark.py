@@ -317,6 +317,24 @@ def too_many_fields(fields: Column, width: Column) -> Column:
     return (found > width) & F.exists(extra, lambda field: field != "")
 
 
+def closed_mid_field(fields: Column) -> Column:
+    """Whether a field opens a quote and closes it before its end (``"u9"x``): DuckDB's reader rejects
+    the line as an UNQUOTED VALUE."""
+    return F.exists(fields, lambda field: field.rlike(r'^ *"') & ~field.rlike(QUOTED))
+
+
+def json_type_rejects(source: SourceConfig, document: Column) -> list[Column]:
+    """Per text column, its reason when the JSON ``document`` gives it a boolean, object or array (not
+    a number), as ``ingest._json_type_checks``; null otherwise."""
+    rejects = []
+    for column in (column for column in source.columns if column.type != "number"):
+        kind = F.schema_of_variant(F.try_variant_get(document, f"$.{column.name}", "variant"))
+        wrong = F.lower(F.regexp_extract(kind, r"^(BOOLEAN|OBJECT|ARRAY)", 1))
+        reason = F.concat(F.lit(f"wrong JSON type in {column.name}: "), wrong, F.lit(" (expected a string)"))
+        rejects.append(F.when(wrong != "", reason))
+    return rejects
+
+
 def _csv_records(spark: SparkSession, source: SourceConfig, path: Path) -> DataFrame:
     """Data lines, fields taken by header position as DuckDB's reader parses them (quotes, blanks).
 
@@ -336,8 +354,7 @@ def _csv_records(spark: SparkSession, source: SourceConfig, path: Path) -> DataF
     )
     fields, quoted = F.col("fields"), F.col("quoted")
     found = F.size(fields)
-    mid_field_close = F.exists(fields, lambda field: field.rlike(r'^ *"') & ~field.rlike(QUOTED))
-    badly_quoted = F.when(quoted, mid_field_close).otherwise(F.lit(False))
+    badly_quoted = F.when(quoted, closed_mid_field(fields)).otherwise(F.lit(False))
     expected = f"Expected Number of Columns: {width} Found: "
 
     def missing(count: Column) -> Column:
@@ -389,12 +406,7 @@ def _jsonl_records(spark: SparkSession, source: SourceConfig, path: Path) -> Dat
         _line_rejects(F.col("value")),
         F.when(json.isNull(), F.lit("malformed JSON")).when(~is_object, F.lit("JSON line is not an object")),
     )
-    wrong_types = []  # as ingest._json_type_checks: a text column's boolean, object or array (not a number)
-    for column in (column for column in source.columns if column.type != "number"):
-        kind = F.schema_of_variant(F.try_variant_get(json, f"$.{column.name}", "variant"))
-        wrong = F.lower(F.regexp_extract(kind, r"^(BOOLEAN|OBJECT|ARRAY)", 1))
-        reason = F.concat(F.lit(f"wrong JSON type in {column.name}: "), wrong, F.lit(" (expected a string)"))
-        wrong_types.append(F.when(wrong != "", reason))
+    wrong_types = json_type_rejects(source, json)
     return parsed.select(
         "line",
         early.alias(EARLY),
