@@ -60,7 +60,7 @@ import json
 import re
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -95,6 +95,7 @@ ZONE_ABBREVIATION = r"\d *[A-Z]{3,5}$"  # 10:00:00 PST, CEST, IST
 # RE2 (and Java) class of code points: C0 controls except tab, DEL, C1 controls (U+0085 is a line end to some readers)
 CONTROL_CHARACTERS = r"[\x00-\x08\x0a-\x1f\x7f-\x9f]"
 UNTERMINATED_QUOTE = "unterminated quote: a quoted field does not close on its line"
+BARE_CARRIAGE_RETURN = "malformed CSV line: a carriage return outside quotes inside the line"
 # outside its strings, JSON that DuckDB's json_valid accepts beyond RFC 8259: a trailing comma, NaN, Infinity
 LENIENT_JSON = r",\s*[}\]]|[Nn][Aa][Nn]|[Ii][Nn][Ff]"
 JSON_STRING = r'"(?:[^"\\]|\\.)*"'
@@ -182,6 +183,7 @@ class _TextScan:
     mixed: bool  # whether the file mixes \n and \r\n line ends, which that reader refuses
     controls: bool  # whether any byte may be a control character inside a field (else no field is screened)
     quotes: bool  # whether the file holds a quote character (without one no record can span lines)
+    bare_cr: bool  # whether a \r stands anywhere but before a \n (one outside quotes fails DuckDB's reader)
 
 
 def _scan_lines(path: Path) -> _TextScan:
@@ -240,6 +242,7 @@ def _scan_lines(path: Path) -> _TextScan:
         bool(crlf and lf),
         controls or carriage_returns > crlf,
         quotes,
+        carriage_returns > crlf,
     )
 
 
@@ -268,21 +271,34 @@ def _unbalanced_quote(line: bytes) -> bool:
         return False
 
 
-def _without_unbalanced_lines(path: Path, directory: Path) -> tuple[Path, dict[int, str]]:
-    """A copy of a CSV file with every line holding an unbalanced quote emptied (line numbers kept).
+def _bare_carriage_return(line: bytes) -> bool:
+    """Whether a line of a file with \n line ends holds a \r outside quotes (DuckDB's reader then fails
+    the whole file: "The CSV Parser state machine reached an invalid state")."""
+    body = line.rstrip(b"\n")
+    at = body.find(b"\r")
+    while at >= 0:
+        if body.count(b'"', 0, at) % 2 == 0:
+            return True
+        at = body.find(b"\r", at + 1)
+    return False
 
-    Returns the copy and the emptied lines' text.
-    """
+
+def _without_lines(
+    path: Path, target: Path, bad: Callable[[bytes], bool], ending: bytes | None = None
+) -> dict[int, str]:
+    """Write to ``target`` a copy of a CSV file with every data line that is ``bad`` emptied, keeping
+    its line end (``ending`` if given: the file's own), so line numbers are kept; returns the emptied
+    lines' text."""
     emptied: dict[int, str] = {}
-    target = directory / "unquoted.csv"
     with _open_binary(path) as source, open(target, "wb") as out:
         for number, line in enumerate(source, 1):
-            if number > 1 and b'"' in line and _unbalanced_quote(line):
+            if number > 1 and bad(line):
                 emptied[number] = _raw_text(line.rstrip(b"\r\n"))
-                out.write(b"\r\n" if line.endswith(b"\r\n") else b"\n" if line.endswith(b"\n") else b"")
+                own = b"\r\n" if line.endswith(b"\r\n") else b"\n" if line.endswith(b"\n") else b""
+                out.write(ending if ending is not None and own else own)
             else:
                 out.write(line)
-    return target, emptied
+    return emptied
 
 
 def _raw_text(data: bytes) -> str:
@@ -307,6 +323,9 @@ class _Lines:
     quarantined: dict[int, str]  # lines quarantined before DuckDB read the file: line -> raw text
     line: str = "line"  # SQL over ``landed`` numbering its rows (before the skipped lines are counted in)
     controls: bool = True  # whether a field may hold control characters (False: the search is skipped)
+    reasons: dict[int, str] = field(
+        default_factory=dict
+    )  # a quarantined line's reason, if not UNTERMINATED_QUOTE
 
 
 def _text_relation(
@@ -364,22 +383,36 @@ def _csv_relation(connection: duckdb.DuckDBPyConnection, source: SourceConfig, p
             "escape = '\"', store_rejects = true)"
         )
 
-    emptied: dict[int, str] = {}
+    stray: dict[int, str] = {}
+    unbalanced: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="anomaly-ingest-") as directory:
         # DuckDB's reader refuses a file mixing line ends: it reads a copy with \n ends instead
         target = _with_lf_line_ends(path, Path(directory)) if scan.mixed else path
-        read(target)
+        try:
+            read(target)
+        except duckdb.Error:
+            if not scan.bare_cr:
+                raise
+            # one \r outside quotes failed the whole file: read it (with \n ends, so that a \r left before
+            # one is a stray too) without the lines holding one
+            lf = target if scan.mixed else _with_lf_line_ends(path, Path(directory))
+            target = Path(directory) / "no_bare_cr.csv"
+            stray = _without_lines(lf, target, _bare_carriage_return, b"\n")
+            read(target)
         if scan.quotes and _records_span_lines(connection, names):
             # a quote left open swallowed the lines after it: read again without the lines that open one
-            copy, emptied = _without_unbalanced_lines(target, Path(directory))
-            if emptied:
+            copy = Path(directory) / "unquoted.csv"
+            unbalanced = _without_lines(target, copy, lambda line: b'"' in line and _unbalanced_quote(line))
+            if unbalanced:
                 read(copy)
+    emptied = {**stray, **unbalanced}
     return _Lines(
         header=1,
         skipped=sorted(set(scan.blank) | set(emptied)),
         quarantined=emptied,
         line="rowid + 2",
         controls=scan.controls or bool(emptied),
+        reasons=dict.fromkeys(stray, BARE_CARRIAGE_RETURN),
     )
 
 
@@ -669,7 +702,7 @@ def load_file(
         {
             "source_file": str(path),
             "line": list(lines.quarantined),
-            "reason": UNTERMINATED_QUOTE,
+            "reason": [lines.reasons.get(line, UNTERMINATED_QUOTE) for line in lines.quarantined],
             "raw": list(lines.quarantined.values()),
         },
         columns=QUARANTINE_COLUMNS,

@@ -860,3 +860,28 @@ def test_a_deleted_file_or_an_older_cursor_asks_for_nothing(source: SourceConfig
     assert plan.first is None and list(plan.cursor) == ["/landing/clicks_kept.csv"]
     older = {"/landing/clicks_kept.csv": [100, 1]}  # a cursor without days: they were asked for
     assert ingest.plan_landing_runs(source, [kept], older, DAY3).first is None
+
+
+@pytest.mark.parametrize("ends", ["\n", "\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("stray", ["p\r", "s\r\r"], ids=["inside-a-field", "before-the-line-end"])
+@pytest.mark.parametrize("name", ["clicks_cr.csv", "clicks_cr.csv.gz"])
+def test_a_stray_carriage_return_quarantines_its_line_not_the_file(
+    tmp_path: Path, source: SourceConfig, name: str, stray: str, ends: str
+) -> None:
+    """One \\r outside quotes that is not a line end made DuckDB's reader fail the whole file ("The CSV
+    Parser state machine reached an invalid state"): every other event of the file was lost. A \\r
+    inside quotes was always read (and quarantined as a control character), and still is."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    bad = "2020-07-07 01:00:00,p\r,u3,s" if stray == "p\r" else "2020-07-07 01:00:00,p,u3,s\r\r"
+    lines = ["timestamp,page,user,session_id", "2020-07-07 01:00:00,p,u2,s", bad]
+    lines += ['2020-07-07 01:00:00,"p\rq",u4,s', "2020-07-07 01:00:00,p,u5,s", ""]
+    text = ends.join(lines)
+    path = landing / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    _, window = index_and_ingest(source, landing, [DAY1])
+    events = events_of(window, DAY1)
+    assert dict(zip(events["user"], events["line"], strict=True)) == {"u2": 2, "u5": 5}
+    quarantine = window.quarantine[DAY1]
+    assert quarantine["line"].tolist() == [3, 4]
+    assert quarantine["reason"].tolist() == [ingest.BARE_CARRIAGE_RETURN, "control characters in page"]
