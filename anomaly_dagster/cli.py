@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from anomaly_dagster.config import ConfigError, SourceConfig, load_sources, warehouse_dir
-from anomaly_dagster.evaluation import evaluate, load_labels
+from anomaly_dagster.evaluation import evaluate, label_line_start, load_labels
 from anomaly_dagster.generate import generate_clickstream, generate_sensors
 from anomaly_dagster.spark_stream import register_cli as register_spark_stream_cli
 from anomaly_dagster.streaming import register_cli as register_stream_cli
@@ -98,9 +98,7 @@ def _report(args: argparse.Namespace) -> int:
         )
         predicted = pd.Series(scores["is_anomaly"].to_numpy(), index=pd.DatetimeIndex(scores["bucket_start"]))
         try:
-            # a 0/1 line starts where the source's labels say, as the evaluation asset reads it
-            first_day = (source.labels.first_day if source.labels is not None else None) or source.start_date
-            labels = load_labels(Path(args.labels), source.bucket_minutes, first_day)
+            labels = load_labels(Path(args.labels), source.bucket_minutes, label_line_start(source))
         except ValueError as error:  # a bad labels file: one line naming it, not a traceback
             raise UsageError(f"--labels: {error}") from None
         result = evaluate(predicted, labels, source.bucket_minutes, source.incident_gap_buckets)

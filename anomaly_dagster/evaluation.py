@@ -81,7 +81,12 @@ def source_labels(source: SourceConfig, landing_dir: Path) -> pd.Series | None:
     path = labels_file(source, landing_dir)
     if path is None:
         return None
-    return load_labels(path, source.bucket_minutes, source.labels.first_day or source.start_date)
+    return load_labels(path, source.bucket_minutes, label_line_start(source))
+
+
+def label_line_start(source: SourceConfig) -> date:
+    """The day a 0/1 label line's first bucket belongs to: ``labels.first_day``, else ``start_date``."""
+    return (source.labels.first_day if source.labels is not None else None) or source.start_date
 
 
 def segments(flags: pd.Series, step: pd.Timedelta, gap: int = 0) -> list[tuple[pd.Timestamp, pd.Timestamp]]:

@@ -44,7 +44,7 @@ def merge_incidents(
         start, end = group["bucket_start"].iloc[0], group["bucket_start"].iloc[-1]
         # a value missing at the peak (a mean over a bucket without readings) is null: json.dumps would
         # write a bare NaN, which strict JSON readers refuse
-        observed = {name: _finite(peak[name]) for name in series or [] if name in peak.index}
+        observed = {name: json_number(peak[name]) for name in series or [] if name in peak.index}
         rows.append(
             {
                 "start": start,
@@ -63,7 +63,8 @@ def merge_incidents(
     return pd.DataFrame(rows, columns=INCIDENT_COLUMNS)
 
 
-def _finite(value: object) -> float | None:
+def json_number(value: object) -> float | None:
+    """``value`` as a float for JSON, None (null) when it is not finite (a bare NaN is not JSON)."""
     number = float(value)
     return number if math.isfinite(number) else None
 

@@ -323,9 +323,8 @@ class _Lines:
     quarantined: dict[int, str]  # lines quarantined before DuckDB read the file: line -> raw text
     line: str = "line"  # SQL over ``landed`` numbering its rows (before the skipped lines are counted in)
     controls: bool = True  # whether a field may hold control characters (False: the search is skipped)
-    reasons: dict[int, str] = field(
-        default_factory=dict
-    )  # a quarantined line's reason, if not UNTERMINATED_QUOTE
+    # a quarantined line's reason when it is not UNTERMINATED_QUOTE
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
 def _text_relation(

@@ -41,7 +41,6 @@ from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from anomaly_dagster import ingest
 from anomaly_dagster.config import ConfigError, SourceConfig, landing_dir, load_sources, warehouse_dir
 from anomaly_dagster.engines.spark import (
     CSV_FIELD,
@@ -49,12 +48,12 @@ from anomaly_dagster.engines.spark import (
     SPARK_ERRORS,
     UNQUOTED_VALUE,
     _cap,
-    _shown,
     _trim,
     _utc_timestamp,
     closed_mid_field,
     json_type_rejects,
     spark_session,
+    timestamp_checks,
     too_many_fields,
     typed_fields,
 )
@@ -222,24 +221,9 @@ def parse_events(source: SourceConfig, lines: DataFrame) -> DataFrame:
     earliest = F.lit(f"{source.start_date.isoformat()} 00:00:00").cast("timestamp_ntz")
     latest_day = (datetime.now(UTC) + timedelta(days=2)).date()
     in_range = (utc >= earliest) & (utc < F.lit(f"{latest_day.isoformat()} 00:00:00").cast("timestamp_ntz"))
-    limit = source.max_field_length
     checks: list[tuple[Column, Column]] = [
         (F.col("early").isNotNull(), F.col("early")),
-        (F.length(ts) > limit, F.lit(f"field {ts_name} longer than {limit} characters")),
-        (ts.isNull() | (_trim(ts) == ""), F.lit("missing timestamp")),
-        (
-            F.col("bad_offset"),
-            F.concat(F.lit(f"timestamp offset beyond ±{ingest.MAX_OFFSET_HOURS}:00 "), _shown(ts)),
-        ),
-        (
-            utc.isNull() & _trim(ts).rlike(ingest.ZONE_ABBREVIATION),
-            F.concat(F.lit("ambiguous time zone abbreviation in timestamp "), _shown(ts)),
-        ),
-        (utc.isNull(), F.concat(F.lit("unparseable timestamp "), _shown(ts))),
-        (
-            ~in_range,
-            F.concat(F.lit("timestamp outside the source range "), F.date_format(utc, "yyyy-MM-dd HH:mm:ss")),
-        ),
+        *timestamp_checks(source, ts, utc, F.col("bad_offset"), in_range),
     ]
     field_checks, typed = typed_fields(source, F.col, F.lit(True))
     checks.extend(field_checks)

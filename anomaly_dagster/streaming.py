@@ -97,6 +97,7 @@ from anomaly_dagster.config import (
 from anomaly_dagster.detectors import Detector, detector_class, load_detectors
 from anomaly_dagster.detectors.rcf import RandomCutForest, RCFDetector, float32_finite, fold_attribution
 from anomaly_dagster.features import add_derived, derived_values
+from anomaly_dagster.incidents import json_number
 from anomaly_dagster.ingest import (
     RAW_MAX_CHARS,
     TEXT_COLUMN,
@@ -946,9 +947,9 @@ class StreamScorer:
         row: dict[str, Any] = {"window_start": window.start}
         for metric in self.source.metrics:
             value = columns[metric.name][index]
-            row[metric.name] = int(value) if metric.is_count else _finite(value)
+            row[metric.name] = int(value) if metric.is_count else json_number(value)
         for derived in self.source.derived:
-            row[derived.name] = _finite(columns[derived.name][index])
+            row[derived.name] = json_number(columns[derived.name][index])
         row.update(score=None, threshold=None, is_anomaly=False, attribution={}, detectors=[])
         return row
 
@@ -1094,10 +1095,6 @@ def _shingle_history(detector: Detector, *before: pd.DataFrame) -> dict[str, pd.
     assert isinstance(detector, RCFDetector)
     rows = pd.concat(before, ignore_index=True) if len(before) > 1 else before[0]
     return {"history": rows[detector.usable_rows(rows)].tail(_shingle(detector) - 1)} if len(rows) else {}
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
 
 
 def _normalized(score: float, threshold: float) -> float:

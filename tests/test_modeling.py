@@ -137,6 +137,13 @@ def _only(kind: str, features: list[str], **params: object) -> DetectorConfig:
     return DetectorConfig(name="only", kind=kind, features=features, params=params)
 
 
+def _only_source(kind: str, features: list[str]) -> SourceConfig:
+    """The test source with one detector, which alone decides the ensemble."""
+    return SOURCE.model_copy(
+        update={"detectors": [_only(kind, features)], "ensemble": EnsembleConfig(detectors=["only"])}
+    )
+
+
 def test_time_of_day_profiles_get_the_sources_slots_per_day_without_being_told():
     """5-minute buckets make 288 slots: a profile sized for 144 crashed, one for 96 pooled the wrong slots."""
     five = SOURCE.model_copy(update={"bucket_minutes": 5, "ensemble": EnsembleConfig(detectors=["only"])})
@@ -154,12 +161,7 @@ def test_time_of_day_profiles_get_the_sources_slots_per_day_without_being_told()
 def test_rows_with_a_missing_feature_do_not_lift_the_threshold():
     """An isolation forest scores a row with a missing value 0; counted as normal scores, a fifth of
     such rows lifted the sigma threshold above a gross outlier's score."""
-    source = SOURCE.model_copy(
-        update={
-            "detectors": [_only("isolation_forest", ["users", "clicks"])],
-            "ensemble": EnsembleConfig(detectors=["only"]),
-        }
-    )
+    source = _only_source("isolation_forest", ["users", "clicks"])
     complete = _features(rows=1008)
     gappy = complete.copy()
     gappy.loc[np.random.default_rng(1).random(len(gappy)) < 0.2, "users"] = np.nan
@@ -175,12 +177,7 @@ def test_rows_with_a_missing_feature_do_not_lift_the_threshold():
 def test_expected_values_are_strict_json_when_a_band_is_missing():
     """A forecast band has no value before its first full context (a DeepAR cold start's first half):
     ``expected`` held a bare NaN, which DuckDB's JSON functions and any strict reader refuse."""
-    source = SOURCE.model_copy(
-        update={
-            "detectors": [_only("seasonal_band", ["users", "clicks"])],
-            "ensemble": EnsembleConfig(detectors=["only"]),
-        }
-    )
+    source = _only_source("seasonal_band", ["users", "clicks"])
     features = _features(rows=3 * 144)
     model = train(source, features, [DAY], False)
     detector = model.detectors["only"]
@@ -197,12 +194,7 @@ def test_expected_values_are_strict_json_when_a_band_is_missing():
 
 def test_a_row_without_measured_values_has_no_direction():
     """Nothing measured: the attribution says strength 0 for every feature, so the direction must not say LOW."""
-    source = SOURCE.model_copy(
-        update={
-            "detectors": [_only("robust_zscore", ["users", "clicks"])],
-            "ensemble": EnsembleConfig(detectors=["only"]),
-        }
-    )
+    source = _only_source("robust_zscore", ["users", "clicks"])
     features = _features(rows=3 * 144)
     model = train(source, features, [DAY], False)
     day = features.iloc[:144].copy()

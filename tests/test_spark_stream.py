@@ -181,30 +181,33 @@ def test_an_entity_source_is_refused(caplog):
     assert "entity column" in caplog.text
 
 
-def test_quarantine_names_the_landing_file_by_its_path(spark, tmp_path):
-    """``input`` is the file's path as batch ingestion names it, not Spark's percent-encoded URI."""
+def _parsed(spark, landing, table: str):
+    """Every line of the landing folder through ``parse_events``, as one availableNow run into memory."""
     from anomaly_dagster.spark_stream import parse_events
 
-    landing = tmp_path / "land ing+é"
-    landing.mkdir()
-    (landing / "clicks_x.csv").write_text("timestamp,page,user,session_id\n2020-07-08 06:00:00,p1,,s\n")
     query = (
         parse_events(SOURCE, landing_lines(spark, SOURCE, landing))
         .writeStream.format("memory")
-        .queryName("stream_paths")
+        .queryName(table)
         .trigger(availableNow=True)
         .start()
     )
     query.awaitTermination()
-    (row,) = spark.sql("SELECT source_file, reason FROM stream_paths").collect()
+    return spark.table(table)
+
+
+def test_quarantine_names_the_landing_file_by_its_path(spark, tmp_path):
+    """``input`` is the file's path as batch ingestion names it, not Spark's percent-encoded URI."""
+    landing = tmp_path / "land ing+é"
+    landing.mkdir()
+    (landing / "clicks_x.csv").write_text("timestamp,page,user,session_id\n2020-07-08 06:00:00,p1,,s\n")
+    (row,) = _parsed(spark, landing, "stream_paths").select("source_file", "reason").collect()
     assert (row.source_file, row.reason) == (str((landing / "clicks_x.csv").resolve()), "missing user")
 
 
 def test_lines_batch_ingestion_rejects_are_rejected_alike(spark, tmp_path):
     """A quote closed in mid-field, a JSON boolean/object/array for a text column and a zone
     abbreviation get batch ingestion's reasons; the stream counted the first two as events."""
-    from anomaly_dagster.spark_stream import parse_events
-
     landing = tmp_path / "landing"
     landing.mkdir()
     (landing / "clicks_q.csv").write_text(
@@ -215,17 +218,7 @@ def test_lines_batch_ingestion_rejects_are_rejected_alike(spark, tmp_path):
         '{"timestamp": "2020-07-08 06:03:00", "page": {"a": 1}, "user": "u3"}\n'
         '{"timestamp": "2020-07-08 06:04:00", "page": "p1", "user": ["x"]}\n'
     )
-    query = (
-        parse_events(SOURCE, landing_lines(spark, SOURCE, landing))
-        .writeStream.format("memory")
-        .queryName("stream_rejects")
-        .trigger(availableNow=True)
-        .start()
-    )
-    query.awaitTermination()
-    reasons = (
-        spark.sql("SELECT reason FROM stream_rejects").toPandas()["reason"].fillna("accepted as an event")
-    )
+    reasons = _parsed(spark, landing, "stream_rejects").toPandas()["reason"].fillna("accepted as an event")
     assert sorted(reasons) == [
         "UNQUOTED VALUE: Value with unterminated quote found.",
         "ambiguous time zone abbreviation in timestamp 2020-07-08 06:01:00 EST",

@@ -317,6 +317,28 @@ def too_many_fields(fields: Column, width: Column) -> Column:
     return (found > width) & F.exists(extra, lambda field: field != "")
 
 
+def timestamp_checks(
+    source: SourceConfig, ts: Column, utc: Column, bad_offset: Column, in_range: Column
+) -> list[tuple[Column, Column]]:
+    """(condition, reason) of the timestamp rules in batch ingestion's order, for a raw timestamp ``ts``
+    parsed to ``utc``: the Spark engine and spark-stream reject alike."""
+    limit = source.max_field_length
+    return [
+        (F.length(ts) > limit, F.lit(f"field {source.timestamp.column} longer than {limit} characters")),
+        (ts.isNull() | (_trim(ts) == ""), F.lit("missing timestamp")),
+        (bad_offset, F.concat(F.lit(f"timestamp offset beyond ±{ingest.MAX_OFFSET_HOURS}:00 "), _shown(ts))),
+        (
+            utc.isNull() & _trim(ts).rlike(ingest.ZONE_ABBREVIATION),
+            F.concat(F.lit("ambiguous time zone abbreviation in timestamp "), _shown(ts)),
+        ),
+        (utc.isNull(), F.concat(F.lit("unparseable timestamp "), _shown(ts))),
+        (
+            ~in_range,
+            F.concat(F.lit("timestamp outside the source range "), F.date_format(utc, "yyyy-MM-dd HH:mm:ss")),
+        ),
+    ]
+
+
 def closed_mid_field(fields: Column) -> Column:
     """Whether a field opens a quote and closes it before its end (``"u9"x``): DuckDB's reader rejects
     the line as an UNQUOTED VALUE."""
@@ -571,25 +593,10 @@ def _typed(source: SourceConfig, landed: DataFrame, days: list[date], observatio
     control = F.concat_ws("", *(F.col(_field(column.name)) for column in source.columns))
     rows = observed.where(relevant).withColumn(CONTROL, control.rlike(ingest.CONTROL_CHARACTERS))
 
-    limit = source.max_field_length
-    outside = F.concat(
-        F.lit("timestamp outside the source range "), F.date_format(ts_utc, "yyyy-MM-dd HH:mm:ss")
-    )
     checks: list[tuple[Column, Column]] = [
         (F.col(EARLY).isNotNull(), F.col(EARLY)),
         (F.col(WRONG_TYPE).isNotNull(), F.col(WRONG_TYPE)),
-        (F.length(ts) > limit, F.lit(f"field {ts_name} longer than {limit} characters")),
-        (ts.isNull() | (_trim(ts) == ""), F.lit("missing timestamp")),
-        (
-            F.col(BAD_OFFSET),
-            F.concat(F.lit(f"timestamp offset beyond ±{ingest.MAX_OFFSET_HOURS}:00 "), _shown(ts)),
-        ),
-        (
-            ts_utc.isNull() & _trim(ts).rlike(ingest.ZONE_ABBREVIATION),
-            F.concat(F.lit("ambiguous time zone abbreviation in timestamp "), _shown(ts)),
-        ),
-        (ts_utc.isNull(), F.concat(F.lit("unparseable timestamp "), _shown(ts))),
-        (~in_range, outside),
+        *timestamp_checks(source, ts, ts_utc, F.col(BAD_OFFSET), in_range),
     ]
     field_checks, typed = typed_fields(source, lambda name: F.col(_field(name)), F.col(CONTROL))
     checks.extend(field_checks)
