@@ -1,5 +1,11 @@
 """Detections against labels: point and event (incident) metrics.
 
+Point metrics count buckets. Event metrics count incidents, as an operator on call does: a labelled
+incident is caught when any of its buckets is flagged (event recall), and a predicted incident (flags
+merged across ``incident_gap_buckets``, like the incidents table) is true when it touches a labelled one
+(event precision). A long fault caught in one bucket is a full event hit but a poor point recall; a
+burst of flags on one fault is one true event but many point positives.
+
 Labels come in two shapes: the reference format (one line of 0/1 per bucket, aligned with the
 source's buckets from a start day) and a CSV of labelled ranges ``start,end[,kind]`` with
 inclusive bucket starts, which is what the sample generator writes. A range bound inside a bucket
@@ -99,11 +105,18 @@ def segments(flags: pd.Series, step: pd.Timedelta, gap: int = 0) -> list[tuple[p
     return [(chunk[0], chunk[-1]) for chunk in np.split(on, breaks)]
 
 
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
 @dataclass(frozen=True)
 class Evaluation:
     precision: float
     recall: float
     f1: float
+    event_precision: float
+    event_recall: float
+    event_f1: float
     labelled_incidents: int
     incidents_caught: int
     false_incidents: int
@@ -132,7 +145,6 @@ def evaluate(predicted: pd.Series, labels: pd.Series, bucket_minutes: int, gap: 
     true_positive = int((predicted & truth).sum())
     precision = true_positive / int(predicted.sum()) if predicted.any() else 0.0
     recall = true_positive / int(truth.sum()) if truth.any() else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     labelled, found = segments(truth, step), segments(predicted, step, gap)
     delays = []
     for start, end in labelled:
@@ -140,11 +152,16 @@ def evaluate(predicted: pd.Series, labels: pd.Series, bucket_minutes: int, gap: 
         if hits.any():
             delays.append((hits[hits].index[0] - start) / pd.Timedelta(minutes=1))
     false = [(s, e) for s, e in found if not truth[s:e].any()]
+    event_precision = (len(found) - len(false)) / len(found) if found else 0.0
+    event_recall = len(delays) / len(labelled) if labelled else 0.0
     days = max(len(predicted) * bucket_minutes / 1440.0, 1e-9)
     return Evaluation(
         precision=round(precision, 4),
         recall=round(recall, 4),
-        f1=round(f1, 4),
+        f1=round(_f1(precision, recall), 4),
+        event_precision=round(event_precision, 4),
+        event_recall=round(event_recall, 4),
+        event_f1=round(_f1(event_precision, event_recall), 4),
         labelled_incidents=len(labelled),
         incidents_caught=len(delays),
         false_incidents=len(false),

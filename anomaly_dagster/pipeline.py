@@ -640,7 +640,12 @@ def run_evaluation(context: StageContext) -> AssetOutput | None:
     )
     output = AssetOutput("evaluation", {days[-1]: table}, [written], [plot])
     output.summary.update(
-        {f"{row.detector}_f1": float(row.f1) for row in table.itertuples()} | {"days": len(days)}
+        {
+            f"{row.detector}_{metric}": float(getattr(row, metric))
+            for row in table.itertuples()
+            for metric in ("f1", "event_f1")
+        }
+        | {"days": len(days)}
     )
     _record(context, [output])
     return output

@@ -168,18 +168,33 @@ def test_evaluate_constructed_case() -> None:
     # true positives: 12, 13, 14, 100 -> 4 of 10 predicted, 4 of 10 labelled
     # incidents: [10-14] caught at 12 (20 min), [100-101] caught at 100 (0 min), [200-202] missed
     # false incidents: [50-51] and [250]; [12-15] and [98-100] overlap a label so they are not false
+    # events: 2 of 4 predicted incidents are true, 2 of 3 labelled ones are caught
     # labels as load_labels gives them for ranges: only the labelled buckets
     result = evaluate(predicted, truth[truth], bucket_minutes=10)
     assert result == Evaluation(
         precision=0.4,
         recall=0.4,
         f1=0.4,
+        event_precision=0.5,
+        event_recall=0.6667,
+        event_f1=0.5714,
         labelled_incidents=3,
         incidents_caught=2,
         false_incidents=2,
         false_incidents_per_day=1.0,
         mean_time_to_detect_minutes=10.0,
     )
+
+
+def test_event_metrics_count_incidents_not_buckets() -> None:
+    """A two-hour fault caught in its last bucket is one event caught (point recall 1/12), and a burst
+    of four flags on it is one true event, not four."""
+    truth = flags(144, range(60, 72))
+    predicted = flags(144, [71, 72, 73, 74, 120])  # 71 on the fault, 72-74 run on past it, 120 false
+    result = evaluate(predicted, truth, bucket_minutes=10)
+    assert (result.precision, result.recall) == (0.2, 0.0833)
+    assert (result.event_precision, result.event_recall, result.event_f1) == (0.5, 1.0, 0.6667)
+    assert result.mean_time_to_detect_minutes == 110.0
 
 
 def test_evaluate_rounds_f1() -> None:
@@ -204,6 +219,7 @@ def test_evaluate_ignores_labels_outside_the_predictions() -> None:
 def test_evaluate_without_detections() -> None:
     result = evaluate(flags(144, []), flags(144, [3, 4]), bucket_minutes=10)
     assert (result.precision, result.recall, result.f1) == (0.0, 0.0, 0.0)
+    assert (result.event_precision, result.event_recall, result.event_f1) == (0.0, 0.0, 0.0)
     assert result.incidents_caught == 0
     assert result.labelled_incidents == 1
     assert math.isnan(result.mean_time_to_detect_minutes)
@@ -216,12 +232,14 @@ def test_evaluate_without_labels_counts_false_incidents_per_day() -> None:
     assert result.precision == 0.0
     assert result.false_incidents == 3
     assert result.false_incidents_per_day == 1.0
+    assert (result.event_precision, result.event_recall) == (0.0, 0.0)
 
 
 def test_evaluate_perfect_detection() -> None:
     truth = flags(144, [20, 21, 22, 90])
     result = evaluate(truth.copy(), truth, bucket_minutes=10)
     assert (result.precision, result.recall, result.f1) == (1.0, 1.0, 1.0)
+    assert (result.event_precision, result.event_recall, result.event_f1) == (1.0, 1.0, 1.0)
     assert result.incidents_caught == result.labelled_incidents == 2
     assert result.false_incidents == 0
     assert result.mean_time_to_detect_minutes == 0.0

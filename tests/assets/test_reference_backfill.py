@@ -99,6 +99,9 @@ def test_evaluation_table_scores_every_detector_against_the_labels(backfilled):
     ensemble = evaluation.loc["ensemble"]
     assert ensemble["f1"] >= 0.80 and ensemble["incidents_caught"] == 8
     assert ensemble["false_incidents_per_day"] <= 0.5
+    # every fault caught, and at most one of the ensemble's incidents is not on a fault
+    assert ensemble["event_recall"] == 1.0
+    assert ensemble["event_precision"] >= 8 / 9
     # two witnesses: the ensemble is more precise than either voter alone, and misses no incident
     for voter in ("rcf", "zscore"):
         assert evaluation.loc[voter, "incidents_caught"] == 8
