@@ -84,8 +84,10 @@ def _report(args: argparse.Namespace) -> int:
     incidents = incidents.drop_duplicates(keys, keep="last").reset_index(drop=True)
     buckets = warehouse.query(f'SELECT count(*) AS n FROM "{name}".resampled')["n"].iloc[0]
     print(f"{name}: {buckets} buckets, {len(incidents)} incidents")
-    # one line per incident; the JSON columns (observed, expected, sample log lines) stay in the table
-    shown = incidents.drop(columns=["observed", "expected", "sample_events", "peak_bucket"], errors="ignore")
+    # one line per incident; the JSON columns (observed, expected, band, sample log lines) stay in the table
+    shown = incidents.drop(
+        columns=["observed", "expected", "band", "sample_events", "peak_bucket"], errors="ignore"
+    )
     with pd.option_context("display.width", 160, "display.max_rows", 200, "display.precision", 2):
         print(shown.to_string(index=False) if len(shown) else "(no incidents)")
     if len(incidents):

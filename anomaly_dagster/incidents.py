@@ -2,7 +2,8 @@
 
 Consecutive flagged buckets (allowing ``gap`` unflagged buckets between them) form one incident
 with its start and end (inclusive bucket starts), duration, peak score, the detectors that fired,
-the top feature and direction at the peak, and what was observed and expected there.
+the top feature and direction at the peak, and what was observed and expected there (and the band a
+band detector allowed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ INCIDENT_COLUMNS = [
     "direction",
     "observed",
     "expected",
+    "band",
 ]
 
 
@@ -31,7 +33,8 @@ def merge_incidents(
     anomalies: pd.DataFrame, bucket: pd.Timedelta, gap: int = 0, series: list[str] | None = None
 ) -> pd.DataFrame:
     """Incidents from the ``anomalies`` table (bucket_start, score, detectors, top_feature, direction,
-    and optionally ``expected`` JSON and the ``series`` columns, reported as observed at the peak)."""
+    and optionally ``expected`` and ``band`` JSON and the ``series`` columns, reported as observed at the
+    peak)."""
     if anomalies.empty:
         return pd.DataFrame({column: pd.Series(dtype=_dtype(column)) for column in INCIDENT_COLUMNS})
     flagged = anomalies.sort_values("bucket_start").reset_index(drop=True)
@@ -58,6 +61,7 @@ def merge_incidents(
                 "direction": peak["direction"],
                 "observed": json.dumps(observed) if observed else None,
                 "expected": peak.get("expected"),
+                "band": peak.get("band"),
             }
         )
     return pd.DataFrame(rows, columns=INCIDENT_COLUMNS)

@@ -114,6 +114,21 @@ def _expected_json(expected: pd.DataFrame) -> list[str | None]:
     return [json.dumps(values) if values else None for values in known]
 
 
+def _band_json(features: list[str], band: np.ndarray) -> list[str | None]:
+    """Each row's band as strict JSON ``{feature: [lower, median, upper]}``; a feature without one (NaN)
+    is left out, and a row with none is None."""
+    rounded = np.round(band, 6)
+    rows = []
+    for row in range(band.shape[1]):
+        known = {
+            name: rounded[:, row, column].tolist()
+            for column, name in enumerate(features)
+            if np.isfinite(band[:, row, column]).all()
+        }
+        rows.append(json.dumps(known) if known else None)
+    return rows
+
+
 def model_summary(source: SourceConfig, model: TrainedModel) -> pd.DataFrame:
     """One row per detector: what the ``model`` table shows in the catalog and the UI."""
     rows = []
@@ -150,10 +165,9 @@ def score(
     """
     per_detector = []
     for name, detector in detectors.items():
-        raw = detector.score(features)
+        assessment = detector.assess(features)
+        raw, contributions, expected = assessment.scores, assessment.contributions, assessment.expected
         threshold = thresholds[name]
-        contributions = detector.explain(features)
-        expected = detector.expected(features)
         # time-of-day encodings give context, they are not something that can be "too high"
         observable = np.array([name not in CONTEXT_FEATURES for name in detector.features])
         top = np.where(observable, np.nan_to_num(np.abs(contributions), nan=-1.0), -2.0).argmax(axis=1)
@@ -174,6 +188,9 @@ def score(
                     "direction": np.where(np.isnan(signed_top), "", np.where(signed_top >= 0, "HIGH", "LOW")),
                     "attribution": [explanation_json(detector.features, row) for row in contributions],
                     "expected": [None] * len(features) if expected is None else _expected_json(expected),
+                    "band": [None] * len(features)
+                    if assessment.band is None
+                    else _band_json(detector.features, assessment.band),
                 }
             )
         )
@@ -214,7 +231,7 @@ def _ensemble(long: pd.DataFrame, min_votes: int) -> pd.DataFrame:
     ensemble["detectors"] = fired.reindex(peak.index).fillna("")
     votes = long[long["is_anomaly"]].groupby("bucket_start").size().reindex(peak.index, fill_value=0)
     ensemble["is_anomaly"] = votes >= min_votes
-    for column in ("top_feature", "direction", "attribution", "expected"):
+    for column in ("top_feature", "direction", "attribution", "expected", "band"):
         ensemble[column] = strongest[column].reindex(peak.index)
     return ensemble.reset_index()
 
@@ -222,7 +239,9 @@ def _ensemble(long: pd.DataFrame, min_votes: int) -> pd.DataFrame:
 def anomalies_from_scores(scores: pd.DataFrame, features: pd.DataFrame, series: list[str]) -> pd.DataFrame:
     """One row per flagged bucket: ensemble verdict, the detectors that fired, and the observed values."""
     flagged = scores[(scores["detector"] == ENSEMBLE) & scores["is_anomaly"]]
-    columns = ["bucket_start", "score", "detectors", "top_feature", "direction", "expected"]
+    # scores written before bands were stored have no band column: their buckets have no band
+    flagged = flagged.assign(band=flagged.get("band"))
+    columns = ["bucket_start", "score", "detectors", "top_feature", "direction", "expected", "band"]
     return (
         flagged[columns]
         .merge(features[["bucket_start", *series]], on="bucket_start", how="left")

@@ -40,13 +40,35 @@ def compact_png(data: bytes, max_width: int = 900, colours: int = 64) -> bytes:
     return buffer.getvalue()
 
 
+def band_series(scores: pd.DataFrame, name: str) -> pd.DataFrame | None:
+    """Lower, median and upper value of series ``name`` over time, from the first band detector (by
+    name) whose ``band`` holds it; None when no detector gives it a band."""
+    if "band" not in scores.columns:
+        return None
+    banded = scores[(scores["detector"] != "ensemble") & scores["band"].notna()]
+    for _, rows in banded.sort_values("bucket_start").groupby("detector", sort=True):
+        bands = [json.loads(text) for text in rows["band"]]
+        if any(name in band for band in bands):
+            values = [band.get(name, [np.nan] * 3) for band in bands]
+            frame = pd.DataFrame(values, columns=["lower", "median", "upper"])
+            return frame.assign(bucket_start=rows["bucket_start"].to_numpy())
+    return None
+
+
 def series_plot(features: pd.DataFrame, scores: pd.DataFrame, series: list[str], title: str) -> bytes:
-    """One panel per series with flagged buckets marked, and the ensemble score against 1.0."""
+    """One panel per series with flagged buckets marked (and its forecast band, where a band detector
+    gives one), and the ensemble score against 1.0."""
     ensemble = scores[scores["detector"] == "ensemble"].sort_values("bucket_start")
     flagged = ensemble[ensemble["is_anomaly"]]["bucket_start"]
     figure, axes = plt.subplots(len(series) + 1, 1, figsize=(11, 1.8 * (len(series) + 1)), sharex=True)
     figure.subplots_adjust(left=0.08, right=0.98, top=0.95, bottom=0.06, hspace=0.15)
     for axis, name in zip(axes, series, strict=False):
+        band = band_series(scores, name)
+        if band is not None:
+            axis.fill_between(
+                band["bucket_start"], band["lower"], band["upper"], color="tab:blue", alpha=0.15
+            )
+            axis.plot(band["bucket_start"], band["median"], linewidth=0.6, color="tab:gray", linestyle="--")
         axis.plot(features["bucket_start"], features[name], linewidth=0.8, color="tab:blue")
         marked = features[features["bucket_start"].isin(flagged)]
         axis.scatter(marked["bucket_start"], marked[name], color="tab:red", s=12, zorder=3, label="flagged")

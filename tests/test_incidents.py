@@ -124,6 +124,7 @@ def test_empty_input_gives_typed_empty_table() -> None:
         "direction": "object",
         "observed": "object",
         "expected": "object",
+        "band": "object",
     }
     # the empty table concatenates with a real one without changing its types
     real = merge_incidents(anomalies(ROWS), BUCKET)

@@ -190,6 +190,70 @@ def test_expected_values_are_strict_json_when_a_band_is_missing():
         json.loads(text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}")) for text in expected
     ]
     assert set(parsed[0]) == {"clicks"} and set(parsed[100]) == {"users", "clicks"}
+    band = [json.loads(text) for text in scored.loc[scored["detector"] == "only", "band"]]
+    assert set(band[0]) == {"clicks"} and set(band[100]) == {"users", "clicks"}
+
+
+def test_a_band_detector_stores_its_band_and_flags_what_leaves_it():
+    """The design's scores hold the forecast band, not only its median: lower <= expected <= upper per
+    feature, a bucket outside its band is flagged with the direction it left by, and the flagged bucket's
+    band reaches the anomalies and incidents tables."""
+    from anomaly_dagster.incidents import merge_incidents
+    from anomaly_dagster.plots import band_series
+
+    source = _only_source("seasonal_band", ["users", "clicks"])
+    features = _features(rows=8 * 144)
+    model = train(source, features, [DAY], False)
+    day = features.iloc[-144:].reset_index(drop=True)
+    day.loc[50, "users"] = 10 * day["users"].max()
+    scored = score(source, day, model.detectors, {"only": model.thresholds["only"].value})
+    own = scored[scored["detector"] == "only"].reset_index(drop=True)
+    bands = [json.loads(text) for text in own["band"]]
+    for band, expected in zip(bands, own["expected"], strict=True):
+        assert {name: values[1] for name, values in band.items()} == json.loads(expected)
+        assert all(lower <= median <= upper for lower, median, upper in band.values())
+    lower, _, upper = bands[50]["users"]
+    assert not lower <= day.loc[50, "users"] <= upper
+    assert own.loc[50, "is_anomaly"] and (own.loc[50, "top_feature"], own.loc[50, "direction"]) == (
+        "users",
+        "HIGH",
+    )
+    inside = [
+        all(band[name][0] <= day.loc[row, name] <= band[name][2] for name in ("users", "clicks"))
+        for row, band in enumerate(bands)
+    ]
+    assert sum(inside) > 100 and (own.loc[inside, "score"] == 0).all()  # inside both bands: score 0
+    anomalies = anomalies_from_scores(scored, day, ["users", "clicks"])
+    flagged = anomalies[anomalies["bucket_start"] == day.loc[50, "bucket_start"]].iloc[0]
+    assert json.loads(flagged["band"]) == bands[50]
+    incident = merge_incidents(anomalies, pd.Timedelta(minutes=10), series=["users"])
+    assert (
+        json.loads(incident.loc[incident["peak_bucket"] == day.loc[50, "bucket_start"], "band"].iloc[0])
+        == bands[50]
+    )
+    plotted = band_series(scored, "users")
+    assert plotted["upper"].tolist() == [band["users"][2] for band in bands]
+    assert band_series(scored, "pages") is None  # no detector gives pages a band
+
+
+def test_assess_gives_what_score_explain_and_expected_give():
+    """Scoring takes all outputs from one ``assess`` call (a DeepAR band is forecast once, not three
+    times); it must be exactly the separate calls."""
+    features = _features(rows=8 * 144)
+    for kind in ("seasonal_band", "robust_zscore", "rcf"):
+        source = _only_source(kind, ["users", "clicks"])
+        detector = train(source, features, [DAY], False).detectors["only"]
+        day = features.iloc[-144:]
+        assessment = detector.assess(day)
+        np.testing.assert_array_equal(assessment.scores, detector.score(day))
+        np.testing.assert_array_equal(assessment.contributions, detector.explain(day))
+        expected = detector.expected(day)
+        if expected is None:
+            assert assessment.expected is None and assessment.band is None
+        else:
+            pd.testing.assert_frame_equal(assessment.expected, expected)
+        if kind == "seasonal_band":
+            np.testing.assert_array_equal(assessment.band, detector.bounds(day))
 
 
 def test_a_row_without_measured_values_has_no_direction():

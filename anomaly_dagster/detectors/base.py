@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,16 @@ import numpy as np
 import pandas as pd
 
 from anomaly_dagster.storage import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What scoring stores for a frame's rows, computed together (a forecast band is forecast once)."""
+
+    scores: np.ndarray  # (n,) see Detector.score
+    contributions: np.ndarray  # (n, d) see Detector.explain
+    expected: pd.DataFrame | None  # (n, d) see Detector.expected
+    band: np.ndarray | None = None  # (3, n, d) lower, median and upper value, for band detectors
 
 
 class Detector(ABC):
@@ -63,6 +74,10 @@ class Detector(ABC):
     def expected(self, frame: pd.DataFrame) -> pd.DataFrame | None:
         """Expected value of each feature per row where the detector has one (else None)."""
         return None
+
+    def assess(self, frame: pd.DataFrame) -> Assessment:
+        """Score, explanation and expected values of ``frame`` in one call."""
+        return Assessment(self.score(frame), self.explain(frame), self.expected(frame))
 
     @abstractmethod
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

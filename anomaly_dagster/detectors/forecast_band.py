@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from anomaly_dagster.detectors.base import Detector
+from anomaly_dagster.detectors.base import Assessment, Detector
 from anomaly_dagster.detectors.profile import slot_statistics, slots_of
 
 QUANTILES = (0.01, 0.5, 0.99)
@@ -80,17 +80,32 @@ class BandDetector(Detector):
 
     def explain(self, frame: pd.DataFrame) -> np.ndarray:
         """Signed distance outside the band in half-widths: > 0 above the upper bound, < 0 below the lower."""
-        lower, median, upper = self.bounds(frame)
+        return self._outside(frame, self.bounds(frame))
+
+    def score(self, frame: pd.DataFrame) -> np.ndarray:
+        return _worst(self.explain(frame))
+
+    def expected(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(self.bounds(frame)[1], columns=self.features, index=frame.index)
+
+    def assess(self, frame: pd.DataFrame) -> Assessment:
+        """All of it from one band: a DeepAR band is a forecast, too slow to make once per output."""
+        bounds = self.bounds(frame)
+        outside = self._outside(frame, bounds)
+        expected = pd.DataFrame(bounds[1], columns=self.features, index=frame.index)
+        return Assessment(_worst(outside), outside, expected, bounds)
+
+    def _outside(self, frame: pd.DataFrame, bounds: np.ndarray) -> np.ndarray:
+        lower, median, upper = bounds
         values = self.matrix(frame)
         above = np.maximum(values - upper, 0.0) / (upper - median)
         below = np.maximum(lower - values, 0.0) / (median - lower)
         return above - below
 
-    def score(self, frame: pd.DataFrame) -> np.ndarray:
-        return np.nan_to_num(np.abs(self.explain(frame)), nan=0.0).max(axis=1)
 
-    def expected(self, frame: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame(self.bounds(frame)[1], columns=self.features, index=frame.index)
+def _worst(outside: np.ndarray) -> np.ndarray:
+    """A row's score: its farthest feature outside the band (0 where no feature has one)."""
+    return np.nan_to_num(np.abs(outside), nan=0.0).max(axis=1)
 
 
 def day_labels(frame: pd.DataFrame) -> np.ndarray:
