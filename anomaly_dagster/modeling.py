@@ -171,7 +171,10 @@ def score(
         # time-of-day encodings give context, they are not something that can be "too high"
         observable = np.array([name not in CONTEXT_FEATURES for name in detector.features])
         top = np.where(observable, np.nan_to_num(np.abs(contributions), nan=-1.0), -2.0).argmax(axis=1)
-        signed_top = contributions[np.arange(len(features)), top]
+        # a row the detector could not measure (its placeholder score 0) has no direction either
+        signed_top = np.where(
+            detector.scored_rows(features), contributions[np.arange(len(features)), top], np.nan
+        )
         per_detector.append(
             pd.DataFrame(
                 {
@@ -184,7 +187,8 @@ def score(
                     else np.where(raw > threshold, np.inf, 0.0),
                     "is_anomaly": raw > threshold,
                     "top_feature": np.asarray(detector.features)[top],
-                    # a row with no measured value has no direction ("", not the LOW of NaN >= 0)
+                    # a row with no measured value has no direction ("", not the LOW of NaN >= 0, nor the
+                    # HIGH of a placeholder 0)
                     "direction": np.where(np.isnan(signed_top), "", np.where(signed_top >= 0, "HIGH", "LOW")),
                     "attribution": [explanation_json(detector.features, row) for row in contributions],
                     "expected": [None] * len(features) if expected is None else _expected_json(expected),

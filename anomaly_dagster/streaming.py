@@ -1094,7 +1094,7 @@ def _shingle_history(detector: Detector, *before: pd.DataFrame) -> dict[str, pd.
         return {}
     assert isinstance(detector, RCFDetector)
     rows = pd.concat(before, ignore_index=True) if len(before) > 1 else before[0]
-    return {"history": rows[detector.usable_rows(rows)].tail(_shingle(detector) - 1)} if len(rows) else {}
+    return {"history": rows[detector.scored_rows(rows)].tail(_shingle(detector) - 1)} if len(rows) else {}
 
 
 def _normalized(score: float, threshold: float) -> float:

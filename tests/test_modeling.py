@@ -236,6 +236,20 @@ def test_a_band_detector_stores_its_band_and_flags_what_leaves_it():
     assert band_series(scored, "pages") is None  # no detector gives pages a band
 
 
+def test_rcf_trains_on_the_rows_it_can_hold():
+    """A corrupt reading finite in float64 but beyond float32 once scaled (a sensor's 3.4e38 error value
+    over a spread below 1): fit took the row and the forest refused it, so one reading failed the model
+    for a whole training window."""
+    source = _only_source("rcf", ["users", "clicks"])
+    features = _features(rows=3 * 144)
+    features.loc[7, "users"] = 1e300
+    model = train(source, features, [DAY], False)
+    detector = model.detectors["only"]
+    assert not detector.scored_rows(features)[7] and detector.scored_rows(features).sum() == len(features) - 1
+    assert np.isfinite(model.thresholds["only"].value)
+    assert np.isnan(model.training_scores["only"][7]) or model.training_scores["only"][7] == 0.0
+
+
 def test_assess_gives_what_score_explain_and_expected_give():
     """Scoring takes all outputs from one ``assess`` call (a DeepAR band is forecast once, not three
     times); it must be exactly the separate calls."""
@@ -256,17 +270,18 @@ def test_assess_gives_what_score_explain_and_expected_give():
             np.testing.assert_array_equal(assessment.band, detector.bounds(day))
 
 
-def test_a_row_without_measured_values_has_no_direction():
-    """Nothing measured: the attribution says strength 0 for every feature, so the direction must not say LOW."""
-    source = _only_source("robust_zscore", ["users", "clicks"])
+@pytest.mark.parametrize("kind", ["robust_zscore", "rcf", "isolation_forest"])
+def test_a_row_without_measured_values_has_no_direction(kind: str):
+    """Nothing measured: the attribution says strength 0 for every feature, so the direction must say
+    neither LOW (the z-score's NaN) nor HIGH (the forests' placeholder 0, which the ensemble inherited)."""
+    source = _only_source(kind, ["users", "clicks"])
     features = _features(rows=3 * 144)
     model = train(source, features, [DAY], False)
     day = features.iloc[:144].copy()
     day.loc[5, ["users", "clicks"]] = np.nan
     scored = score(source, day, model.detectors, {"only": model.thresholds["only"].value})
-    row = scored[
-        (scored["detector"] == "only") & (scored["bucket_start"] == day.loc[5, "bucket_start"])
-    ].iloc[0]
-    assert row["score"] == 0.0
-    assert row["direction"] not in ("LOW", "HIGH")
-    assert scored.loc[scored["detector"] == "only", "direction"].isin(["HIGH", "LOW", ""]).all()
+    at_five = scored[scored["bucket_start"] == day.loc[5, "bucket_start"]].set_index("detector")
+    assert at_five.loc["only", "score"] == 0.0
+    assert at_five.loc["only", "direction"] == at_five.loc["ensemble", "direction"] == ""
+    measured = scored[(scored["detector"] == "only") & (scored["bucket_start"] != day.loc[5, "bucket_start"])]
+    assert measured["direction"].isin(["HIGH", "LOW"]).all()

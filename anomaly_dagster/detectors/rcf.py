@@ -1518,13 +1518,19 @@ class RCFDetector(Detector):
         self.scale = np.ones(len(self.features))
 
     def fit(self, frame: pd.DataFrame) -> RCFDetector:
+        """Learn the scale on the finite rows, then fit the forest on the rows it can take: those
+        finite in float32 once scaled, as :meth:`score` takes them (a sensor's 3.4e38 error value is
+        finite in float64 but not a point the forest can hold)."""
         values = self.matrix(frame)
         values = values[np.isfinite(values).all(axis=1)]  # e.g. lags of a first day with no day before
+        if len(values):
+            mad = np.median(np.abs(values - np.median(values, axis=0)), axis=0)
+            with np.errstate(over="ignore"):  # a 1e300 reading overflows the variance: no scale from it
+                std = values.std(axis=0)
+            self.scale = np.where(mad > 0, mad, np.where((std > 0) & np.isfinite(std), std, 1.0))
+            values = values[float32_finite(values / self.scale).all(axis=1)]
         if not len(values):
-            raise ValueError("RCFDetector.fit needs at least one finite row")
-        mad = np.median(np.abs(values - np.median(values, axis=0)), axis=0)
-        std = values.std(axis=0)
-        self.scale = np.where(mad > 0, mad, np.where(std > 0, std, 1.0))
+            raise ValueError("RCFDetector.fit needs at least one row with every feature finite")
         self.forest.fit(values / self.scale)
         return self
 
@@ -1548,7 +1554,7 @@ class RCFDetector(Detector):
             signed[finite] = folded[..., 1] - folded[..., 0]
         return signed
 
-    def usable_rows(self, frame: pd.DataFrame) -> np.ndarray:
+    def scored_rows(self, frame: pd.DataFrame) -> np.ndarray:
         """(n,) bool: rows the forest can take (every feature finite in float32); the others score 0."""
         return self._finite_rows(frame)[1]
 
