@@ -21,6 +21,8 @@ from anomaly_dagster.config import SourceConfig
 from anomaly_dagster.detectors import Detector, detector_class
 
 ENSEMBLE = "ensemble"
+#: threshold method of a detector that could not be fitted on its window; it is absent from the model
+UNTRAINED = "untrained"
 CONTEXT_FEATURES = frozenset({"slot", "tod_sin", "tod_cos"})
 
 
@@ -76,6 +78,10 @@ def train(
 ) -> TrainedModel:
     """Fit every configured detector on ``features`` and calibrate its threshold on the same rows.
 
+    A detector the window cannot fit (a lag of a whole day on the first day: no row has it) is left out
+    of the model with threshold method ``untrained`` and the reason, and does not vote; the others are
+    trained. Only when no detector can be fitted is it an error.
+
     ``labels`` (labelled bucket starts) are used only by the ``best_f1`` threshold and ``spark_rf``,
     and only those inside the training window: the scored day's labels never reach its model. A
     cold start trains on the scored day itself, so it gets no labels (``best_f1`` falls back to
@@ -92,10 +98,16 @@ def train(
     training_scores: dict[str, np.ndarray] = {}
     for config in source.detectors:
         detector = make_detector(source, config.name)
-        if getattr(detector, "supervised", False):  # learns from the window's labels (spark_rf)
-            detector.fit(features, training_labels)
-        else:
-            detector.fit(features)
+        try:
+            if getattr(detector, "supervised", False):  # learns from the window's labels (spark_rf)
+                detector.fit(features, training_labels)
+            else:
+                detector.fit(features)
+        except ValueError as error:
+            reason = f"{config.name} could not be fitted on {days[0]}..{days[-1]}: {error}"
+            thresholds[config.name] = Threshold(UNTRAINED, float("nan"), {"reason": reason})
+            training_scores[config.name] = np.empty(0)
+            continue
         scores = detector.score(features)
         detectors[config.name] = detector
         measured = np.where(detector.scored_rows(features), scores, np.nan)  # calibrate() drops NaN
@@ -103,7 +115,20 @@ def train(
             measured, config.threshold or source.threshold, labels=training_labels
         )
         training_scores[config.name] = scores
+    if not detectors:
+        raise ValueError("; ".join(threshold.params["reason"] for threshold in thresholds.values()))
     return TrainedModel(detectors, thresholds, days, cold_start, training_scores)
+
+
+def check_model_matches(source: SourceConfig, described: str, recorded: list[str]) -> None:
+    """Refuse to score with a model trained for other detectors than the source now configures: a
+    voter missing from it would silently never vote (no alert at all under ``min_votes``)."""
+    configured = [detector.name for detector in source.detectors]
+    if sorted(recorded) != sorted(configured):
+        raise ValueError(
+            f"{described} was trained for detectors {sorted(recorded)} but {source.name} now configures "
+            f"{sorted(configured)}: re-materialize its model partition"
+        )
 
 
 def _expected_json(expected: pd.DataFrame) -> list[str | None]:
@@ -132,8 +157,10 @@ def _band_json(features: list[str], band: np.ndarray) -> list[str | None]:
 def model_summary(source: SourceConfig, model: TrainedModel) -> pd.DataFrame:
     """One row per detector: what the ``model`` table shows in the catalog and the UI."""
     rows = []
-    for name, detector in model.detectors.items():
+    for config in source.detectors:
+        name = config.name
         threshold = model.thresholds[name]
+        detector = model.detectors.get(name) or make_detector(source, name)  # untrained: as configured
         rows.append(
             {
                 "detector": name,

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.npz"
 # the model table's threshold method for an entity that could not be fitted
-UNTRAINED = "untrained"
 
 
 @dataclass(frozen=True)
@@ -345,7 +344,11 @@ def run_train(context: StageContext, days: list[date]) -> list[AssetOutput]:
     output.summary["cold_start_days_in_run"] = sum(
         bool(frame["cold_start"].any()) for frame in frames.values()
     )
-    if source.entity is not None:
+    if source.entity is None:
+        output.summary["untrained_detectors_in_run"] = sum(
+            int((frame["threshold_method"] == modeling.UNTRAINED).sum()) for frame in frames.values()
+        )
+    else:
         output.summary[f"untrained_{source.entity}_in_run"] = sum(len(day) for day in untrained.values())
     return _record(context, [output])
 
@@ -364,7 +367,8 @@ def _train_entities(
     An entity with no usable earlier rows (new today, back after a silence, or the source's first
     day) is fitted on its own day and marked ``cold_start``, as a new source is. One that cannot be
     fitted even so (a sensor that sent one reading) is left out with its reason instead of failing
-    every other entity's model.
+    every other entity's model. An entity is modelled whole: a detector that cannot be fitted on its
+    window (``untrained`` in a source's model) fails that attempt.
     """
     past = {} if cold_start else dict(entities.split(source, history))
     models, reasons = {}, {}
@@ -376,10 +380,17 @@ def _train_entities(
         failures = []
         for frame, window, cold in attempts:
             try:
-                models[entity] = modeling.train(source, frame, window, cold, labels)
-                break
+                model = modeling.train(source, frame, window, cold, labels)
             except ValueError as error:
                 failures.append(str(error))
+                continue
+            untrained = [
+                t.params["reason"] for t in model.thresholds.values() if t.method == modeling.UNTRAINED
+            ]
+            if not untrained:
+                models[entity] = model
+                break
+            failures.append("; ".join(untrained))
         if failures:
             reasons[entity] = f"{source.entity}={entity!r} on {day}: {'; then '.join(failures)}"
     return models, reasons
@@ -404,7 +415,7 @@ def _entity_model_summary(
             {
                 "detector": detector.name,
                 "kind": detector.kind,
-                "threshold_method": UNTRAINED,
+                "threshold_method": modeling.UNTRAINED,
                 "threshold": np.nan,
                 "threshold_params": json.dumps({"reason": reason}),
                 "training_rows": 0,
@@ -445,9 +456,13 @@ def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
         if source.entity is None:
             detectors, document = load_detectors(model_path(warehouse, source, day))
             thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
+            modeling.check_model_matches(source, f"the {source.name} model of {day}", list(thresholds))
             frames[day] = modeling.score(source, features, detectors, thresholds)
         else:
             models = entities.load_entity_models(model_path(warehouse, source, day))
+            for entity, (_, thresholds) in models.items():
+                described = f"the {source.name} model of {day} for {source.entity}={entity!r}"
+                modeling.check_model_matches(source, described, list(thresholds))
             frames[day] = entities.per_entity(  # an untrained entity has no model, hence no scores
                 source,
                 features,

@@ -255,5 +255,10 @@ def test_a_sensor_too_new_to_model_is_left_out_with_its_reason_not_every_sensor(
     later = outputs["model"].frames[second].set_index("sensor_id")
     assert later.loc["s99", "cold_start"].all() and not later.loc["s01", "cold_start"].any()
     # why s99 trained on its own day although it has a history: said, not only marked cold_start
-    assert later.loc["s99", "note"].str.contains("on 2024-03-02: isolation forest needs").all()
+    assert (
+        later.loc["s99", "note"]
+        .str.contains("on 2024-03-02: iforest could not be fitted on 2024-03-01")
+        .all()
+    )
+    assert later.loc["s99", "note"].str.contains("isolation forest needs at least two finite rows").all()
     assert later.loc["s01", "note"].isna().all()

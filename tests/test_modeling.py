@@ -285,3 +285,40 @@ def test_a_row_without_measured_values_has_no_direction(kind: str):
     assert at_five.loc["only", "direction"] == at_five.loc["ensemble", "direction"] == ""
     measured = scored[(scored["detector"] == "only") & (scored["bucket_start"] != day.loc[5, "bucket_start"])]
     assert measured["direction"].isin(["HIGH", "LOW"]).all()
+
+
+@pytest.mark.slow
+def test_a_detector_its_window_cannot_fit_is_untrained_and_a_changed_config_asks_for_a_new_model(tmp_path):
+    """A lag of a whole day has no value on the first day, nor in the second day's window (the first):
+    RCF on it failed the model, and a backfill from the start produced no model for any day. Now RCF is
+    untrained on those days (the model table says why, it has no scores) and the others are trained; on
+    the third day it trains. Scoring with a model trained for other detectors than configured is refused
+    (a voter missing from it would never vote: no alert at all)."""
+    from anomaly_dagster.generate import generate_clickstream
+    from anomaly_dagster.pipeline import StageContext, run_score, run_window
+    from anomaly_dagster.warehouse import RunInfo, Warehouse
+
+    rcf = SOURCE.detectors[0].model_copy(update={"features": ["users", "clicks", "clicks_lag144"]})
+    source = SOURCE.model_copy(update={"lags": [1, 144], "detectors": [rcf, *SOURCE.detectors[1:]]})
+    generate_clickstream(tmp_path / "landing", days=3, seed=1)
+    warehouse = Warehouse(tmp_path / "warehouse")
+    context = StageContext(source, warehouse, tmp_path / "landing", RunInfo("test", "0"))
+    days = [date(2020, 7, 7) + timedelta(days=offset) for offset in range(3)]
+    outputs = run_window(context, days)
+    for day in days:
+        model = outputs["model"].frames[day].set_index("detector")
+        trained = day == days[2]
+        assert (model.loc["rcf", "threshold_method"] != "untrained") == trained, day
+        assert (model.drop(index="rcf")["threshold_method"] != "untrained").all()
+        scored = set(outputs["scores"].frames[day]["detector"])
+        assert ("rcf" in scored) == trained and {"zscore", "iqr", "iforest", "ensemble"} <= scored
+    reason = json.loads(outputs["model"].frames[days[0]].set_index("detector").loc["rcf", "threshold_params"])
+    assert "rcf could not be fitted on 2020-07-07..2020-07-07" in reason["reason"]
+    assert outputs["model"].summary["untrained_detectors_in_run"] == 2  # rcf on the first two days
+    more = source.model_copy(
+        update={"detectors": [*source.detectors, SOURCE.detectors[1].model_copy(update={"name": "z2"})]}
+    )
+    with pytest.raises(
+        ValueError, match=r"model of 2020-07-09 was trained for detectors .* now configures .*'z2'"
+    ):
+        run_score(StageContext(more, warehouse, tmp_path / "landing", RunInfo("test", "0")), [days[2]])
