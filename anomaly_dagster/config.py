@@ -293,11 +293,24 @@ class SourceConfig(_Strict):
             raise ValueError(
                 f"list the timestamp column {self.timestamp.column!r} under 'timestamp', not 'columns'"
             )
-        _unique(raw, "column")
+        _unique([self.timestamp.column, *raw], "column")
+        internal = sorted(name for name in raw if _folded(name) in INGEST_COLUMNS or name.startswith("__"))
+        if internal:
+            raise ValueError(
+                f"column name(s) {internal} are the pipeline's own in raw_events and quarantine "
+                f"({sorted(INGEST_COLUMNS)}, and names starting with '__'): rename them in the log or "
+                "leave them out of 'columns' (an undeclared field is ignored)"
+            )
+        types = {column.name: column.type for column in self.columns}
         for metric in self.metrics:
             if metric.column is not None and metric.column not in raw:
                 raise ValueError(
                     f"metric {metric.name!r} reads unknown column {metric.column!r}; columns: {raw}"
+                )
+            if not metric.is_count and types[metric.column] != "number":
+                raise ValueError(
+                    f"metric {metric.name!r} ({metric.agg}) needs a number column: declare "
+                    f"{{name: {metric.column}, type: number}} (columns are text unless typed)"
                 )
         known = [metric.name for metric in self.metrics]
         for derived in self.derived:
@@ -309,7 +322,7 @@ class SourceConfig(_Strict):
                 )
             known.append(derived.name)
         _unique(known, "metric or derived")
-        shadowing = sorted(set(known) & RESERVED_COLUMNS)
+        shadowing = sorted(name for name in known if _folded(name) in RESERVED_COLUMNS)
         if shadowing:
             raise ValueError(f"metric or derived name(s) {shadowing} clash with the pipeline's table columns")
         if self.entity is not None:
@@ -392,6 +405,13 @@ RESERVED_COLUMNS = frozenset(
 )
 
 
+# columns ingestion adds beside the raw ones (raw_events: timestamp, source_file, line, day and the hive
+# key date; quarantine: reason and raw) and its intermediate names, which a raw column must not shadow
+INGEST_COLUMNS = frozenset(
+    {"timestamp", "source_file", "line", "reason", "raw", "day", "date", "ts_utc", "bad_offset", "_line_text"}
+)
+
+
 # schemas a source's name (its catalog schema) must not take: DuckDB's own, and the warehouse's lineage
 RESERVED_SCHEMAS = frozenset({"main", "meta", "system", "temp", "information_schema", "pg_catalog"})
 
@@ -403,12 +423,18 @@ def _check_entity(entity: str, columns: list[ColumnConfig], series: list[str]) -
         raise ValueError(f"entity {entity!r} is not a declared column; columns: {[c.name for c in columns]}")
     if column.type != "string":
         raise ValueError(f"entity column {entity!r} must have type 'string', not {column.type!r}")
-    if entity in series or entity in RESERVED_COLUMNS:
+    if _folded(entity) in {_folded(name) for name in series} | RESERVED_COLUMNS:
         raise ValueError(f"entity column {entity!r} clashes with a metric, derived or table column name")
 
 
+def _folded(name: str) -> str:
+    """SQL identifiers are case-insensitive in DuckDB: ``Latency`` and ``latency`` are one column."""
+    return name.lower()
+
+
 def _unique(names: list[str], what: str) -> None:
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    folded = [_folded(name) for name in names]
+    duplicates = sorted({name for name in names if folded.count(_folded(name)) > 1})
     if duplicates:
         raise ValueError(f"duplicate {what} names: {duplicates}")
 

@@ -519,9 +519,41 @@ def _with_metric(name: str) -> dict[str, Any]:
     return document
 
 
+def _with_column(**column: Any) -> dict[str, Any]:
+    document = base_document()
+    document["columns"].append(column)
+    return document
+
+
+def _with_sum_of(column: str) -> dict[str, Any]:
+    document = base_document()
+    document["metrics"].append({"name": "total", "agg": "sum", "column": column})
+    return document
+
+
+def _with_metric_named(name: str) -> dict[str, Any]:
+    document = base_document()
+    document["metrics"].append({"name": name, "agg": "count"})
+    return document
+
+
 @pytest.mark.parametrize(
     ("document", "message"),
     [
+        # ingestion adds these columns itself: 'reason' sent every good event to quarantine with its own
+        # value as the reason, 'line' crashed ingest, 'raw' read NULL, 'source_file' swapped with the path
+        *[
+            (_with_column(name=name, required=False), f"column name(s) ['{name}'] are the pipeline's own")
+            for name in ("reason", "line", "raw", "source_file", "day", "date", "Reason")
+        ],
+        # text columns: sum/mean/p95 failed resample after ingest; max compared text ('99' > '1500')
+        (
+            _with_sum_of("page"),
+            "metric 'total' (sum) needs a number column: declare {name: page, type: number}",
+        ),
+        # DuckDB names are case-insensitive: 'Page' filled from 'page', 'Clicks' read as a copy of 'clicks'
+        (_with_column(name="Page", required=False), "duplicate column names: ['Page', 'page']"),
+        (_with_metric_named("Clicks"), "duplicate metric or derived names: ['Clicks', 'clicks']"),
         (_with_detector(kind="iqrr"), "unknown detector kind 'iqrr'"),
         (_with_detector(params={"n_estimator": 50}), "no parameter(s) ['n_estimator']"),
         (_with_detector(features=[]), "at least 1 item"),
