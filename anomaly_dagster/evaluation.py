@@ -68,8 +68,8 @@ def _label_time(path: Path, line: int, text: str, step: pd.Timedelta) -> pd.Time
     return stamp.floor(step)
 
 
-def labels_file(source: SourceConfig, landing_dir: Path) -> Path | None:
-    """The source's labels file if it has one configured and it exists.
+def labels_path(source: SourceConfig, landing_dir: Path) -> Path | None:
+    """Where the source's labels file is read, if it has one configured (it may not exist yet).
 
     A relative ``labels.path`` is read beside the landing folder (``data/landing`` →
     ``data/labels/...``), which is where ``anomaly-dagster generate`` writes its labels.
@@ -77,9 +77,13 @@ def labels_file(source: SourceConfig, landing_dir: Path) -> Path | None:
     if source.labels is None:
         return None
     path = Path(source.labels.path)
-    if not path.is_absolute():
-        path = Path(landing_dir).resolve().parent / path
-    return path if path.exists() else None
+    return path if path.is_absolute() else Path(landing_dir).resolve().parent / path
+
+
+def labels_file(source: SourceConfig, landing_dir: Path) -> Path | None:
+    """The source's labels file (see :func:`labels_path`) if it exists."""
+    path = labels_path(source, landing_dir)
+    return path if path is not None and path.exists() else None
 
 
 def source_labels(source: SourceConfig, landing_dir: Path) -> pd.Series | None:

@@ -280,10 +280,8 @@ def run_features(context: StageContext, days: list[date]) -> list[AssetOutput]:
     by_day = {day: frame for day, frame in resampled.groupby(resampled["bucket_start"].dt.date)}
     frames = {}
     for day in days:
-        if day not in by_day and not warehouse.partition_file(source.name, "resampled", day).exists():
-            raise FileNotFoundError(
-                f"{source.name}: resampled partition {day} is missing; materialize it first"
-            )
+        if day not in by_day:
+            _require(context, "resampled", day)
         today = by_day.get(day, resampled.iloc[:0])
         window = pd.concat([by_day.get(day - timedelta(days=1), today.iloc[:0]), today])
         frames[day] = entities.per_entity(
@@ -294,6 +292,15 @@ def run_features(context: StageContext, days: list[date]) -> list[AssetOutput]:
         )
     output = _write(context, "features", frames, [Upstream("resampled", -1, 0)])
     return _record(context, [output])
+
+
+def _require(context: StageContext, asset: str, day: date) -> None:
+    """A clear error when a stage's input partition was never materialized (reading it gives an empty
+    frame, which failed later with a KeyError about a column)."""
+    if not context.warehouse.partition_file(context.source.name, asset, day).exists():
+        raise FileNotFoundError(
+            f"{context.source.name}: {asset} partition {day} is missing; materialize it first"
+        )
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -452,6 +459,7 @@ def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     frames = {}
     for day in days:
+        _require(context, "features", day)
         features = warehouse.read_partitions(source.name, "features", [day])
         if source.entity is None:
             detectors, document = load_detectors(model_path(warehouse, source, day))
@@ -565,6 +573,8 @@ def run_detect(context: StageContext, days: list[date]) -> list[AssetOutput]:
     older: dict[date, list[tuple[str, date]]] = {}  # what an incident of over a day read before D-1
     bucket = pd.Timedelta(minutes=source.bucket_minutes)
     for day in days:
+        for asset in ("scores", "features"):
+            _require(context, asset, day)
         scores = warehouse.read_partitions(source.name, "scores", [day])
         features = dict(entities.split(source, warehouse.read_partitions(source.name, "features", [day])))
         anomalies[day] = entities.per_entity(

@@ -14,7 +14,7 @@ import dagster as dg
 
 from anomaly_dagster import __version__, checks, plots
 from anomaly_dagster.config import SourceConfig, stage_engine
-from anomaly_dagster.evaluation import labels_file
+from anomaly_dagster.evaluation import labels_path
 from anomaly_dagster.pipeline import (
     ASSET_DESCRIPTIONS,
     STAGES,
@@ -207,12 +207,9 @@ def _evaluation_asset(source: SourceConfig) -> dg.AssetsDefinition:
         )
         output = run_evaluation(stage_context)
         if output is None:
-            labels = labels_file(source, warehouse.landing_path)
-            return dg.MaterializeResult(
-                metadata={
-                    "note": f"nothing to evaluate: labels file {labels or source.labels} or scores missing"
-                }
-            )
+            labels = labels_path(source, warehouse.landing_path)  # configured: this asset exists
+            why = f"no labels file at {labels}" if not labels.exists() else "no scores partitions yet"
+            return dg.MaterializeResult(metadata={"note": f"nothing to evaluate: {why}"})
         return dg.MaterializeResult(metadata=_metadata(output))
 
     return _evaluation

@@ -322,3 +322,22 @@ def test_a_detector_its_window_cannot_fit_is_untrained_and_a_changed_config_asks
         ValueError, match=r"model of 2020-07-09 was trained for detectors .* now configures .*'z2'"
     ):
         run_score(StageContext(more, warehouse, tmp_path / "landing", RunInfo("test", "0")), [days[2]])
+
+
+def test_scoring_or_detecting_a_day_whose_input_is_missing_says_which_partition(tmp_path):
+    """Materializing scores (or anomalies) for one day in the UI, without its features (or scores),
+    failed with "detector 'isolation_forest' needs columns [...]; frame has []" (or KeyError 'detector')."""
+    from anomaly_dagster.pipeline import StageContext, run_detect, run_score
+    from anomaly_dagster.warehouse import RunInfo, Warehouse
+
+    context = StageContext(
+        SOURCE, Warehouse(tmp_path / "warehouse"), tmp_path / "landing", RunInfo("test", "0")
+    )
+    with pytest.raises(
+        FileNotFoundError, match="clickstream: features partition 2020-07-10 is missing; materialize"
+    ):
+        run_score(context, [DAY])
+    with pytest.raises(
+        FileNotFoundError, match="clickstream: scores partition 2020-07-10 is missing; materialize"
+    ):
+        run_detect(context, [DAY])

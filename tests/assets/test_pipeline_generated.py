@@ -290,3 +290,20 @@ def test_the_next_models_do_not_learn_a_day_whose_file_never_landed(tmp_path):
     assert 0 < counts[date(2020, 7, 8)] < 0.1 * counts[date(2020, 7, 7)]  # late events only
     model = outputs["model"].frames[date(2020, 7, 9)]
     assert set(model["training_start"]) == set(model["training_end"]) == {date(2020, 7, 7)}
+
+
+def test_the_evaluation_asset_says_where_it_looked_for_labels(tmp_path: Path):
+    """Without its labels file the evaluation asset's note showed the config object's repr
+    ("labels file path='labels/...' first_day=None or scores missing"), not the file it looked for."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    defs = build_definitions(load_sources(), str(landing), str(tmp_path / "warehouse"))
+    key = dg.AssetKey(["clickstream", "evaluation"])
+    result = dg.materialize([defs.get_assets_def(key)], resources=defs.resources, selection=[key])
+    note = result.asset_materializations_for_node("clickstream__evaluation")[0].metadata["note"].value
+    assert note == f"nothing to evaluate: no labels file at {tmp_path / 'labels' / 'clickstream_labels.csv'}"
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "clickstream_labels.csv").write_text("start,end\n")
+    result = dg.materialize([defs.get_assets_def(key)], resources=defs.resources, selection=[key])
+    note = result.asset_materializations_for_node("clickstream__evaluation")[0].metadata["note"].value
+    assert note == "nothing to evaluate: no scores partitions yet"
