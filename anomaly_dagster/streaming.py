@@ -1365,6 +1365,11 @@ class JsonLinesOutput:
             self.offset: int | None = None
             return
         path = Path(target)
+        if path.exists() and not path.is_file():
+            # /dev/null or a pipe: written like stdout, with nothing to cut back on resume or to fsync
+            self._handle = open(path, "wb")  # noqa: SIM115
+            self.offset = None
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if offset is None or not path.exists():
             self._handle = open(path, "wb")  # noqa: SIM115

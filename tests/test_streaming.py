@@ -960,3 +960,21 @@ def test_a_value_beyond_float32_is_a_gap_for_the_forest_not_a_crash(tmp_path):
     assert len(rows) == 18
     window = next(row for row in rows if row["window_start"] == "2020-07-15T02:30:00Z")
     assert window["score"] == 0.0
+
+
+def test_out_to_dev_null_keeps_only_the_warehouse_rows(tmp_path):
+    """``--out /dev/null`` (rows wanted in the warehouse only) crashed at the first checkpoint: fsync
+    of a character device is EINVAL, and no window reached the warehouse; resuming it tried to cut it."""
+    lines = traffic(6, per_window=20)
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    warehouse = Warehouse(tmp_path / "warehouse")
+    state = tmp_path / "state.npz"
+    runner = StreamRunner(SOURCE, FileTransport(path), os.devnull, warehouse, state, StreamingConfig())
+    assert runner.run() == 0
+    stored = warehouse.query("SELECT clicks FROM clickstream.stream_scores ORDER BY window_start")
+    to_file, _ = run_file(tmp_path / "to_file", lines)
+    assert stored["clicks"].tolist() == [row["clicks"] for row in to_file] and len(to_file) == 6
+    resumed = JsonLinesOutput(os.devnull, offset=1234)
+    resumed.write([{"window_start": 0, "clicks": 1}])
+    resumed.close()
