@@ -42,10 +42,12 @@ The rules for bad input, case by case:
   replays and go to quarantine as "duplicate event", naming the file and line already holding it.
 
 Quarantine rows without a usable timestamp (including every line DuckDB rejected, which it did not
-parse) go to their file's home day: its first valid day, else
-(a file with no valid event, e.g. a truncated gzip) the first day of its readable prefix, else a
-date in its name (``clicks_2020-07-15.csv.gz``), else its modification day, or ``start_date`` when
-that day is earlier (an archive copied with its times kept).
+parse) go to their file's home day: the date in its name (``clicks_2020-07-15.csv.gz``) when it holds
+events of that day, else its first valid day. A day's file carries a few late events of the day
+before, and the daily run of its own day must write its bad lines: charged to the day before, they
+were written by no run but a rerun of that day. A file with no valid event (e.g. a truncated gzip) goes to the first day of its readable prefix, else
+the date in its name, else its modification day, or ``start_date`` when that day is earlier (an
+archive copied with its times kept).
 
 A small landing index (JSON in the warehouse) remembers which days each file touches, keyed by
 size and modification time, so a daily run reads only the files that hold that day and the
@@ -957,7 +959,8 @@ def _indexed(
     ).fetchall()
     days = [day.isoformat() for day, _, _ in per_day if day is not None]
     if days:
-        home = days[0]
+        named = _day_in_name(source, path)
+        home = named.isoformat() if named and named.isoformat() in days else days[0]
     else:
         prefix = [] if readable else _readable_prefix_days(source, path)
         modified = max(datetime.fromtimestamp(mtime_ns / 1e9, UTC).date(), source.start_date)
@@ -972,8 +975,7 @@ def _indexed(
 
 
 def quarantine_day(entry: LandingFile) -> date:
-    """Where rows without a usable timestamp go: the file's first valid day, else its home day
-    (the first day of a truncated gzip's readable prefix, a date in its name, or its modification day)."""
+    """Where rows without a usable timestamp go: the file's home day (see the module docstring)."""
     return date.fromisoformat(entry.home_day)
 
 

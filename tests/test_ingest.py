@@ -885,3 +885,27 @@ def test_a_stray_carriage_return_quarantines_its_line_not_the_file(
     quarantine = window.quarantine[DAY1]
     assert quarantine["line"].tolist() == [3, 4]
     assert quarantine["reason"].tolist() == [ingest.BARE_CARRIAGE_RETURN, "control characters in page"]
+
+
+def test_a_day_files_bad_lines_go_to_its_own_day_not_the_day_of_its_late_events(tmp_path, source) -> None:
+    """clicks_2020-07-08.csv carries a late event of 07-07, so its bad lines (no usable timestamp) went to
+    07-07: the daily run of 07-08 dropped them, and only a rerun of 07-07 would ever have written them."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "clicks_2020-07-08.csv").write_text(
+        "timestamp,page,user,session_id\n"
+        "2020-07-07 23:59:58,p1,u1,s1\n"
+        "2020-07-08 00:00:03,p1,u1,s1\n"
+        "2020-07-08 25:00:00,p2,u2,s2\n"
+        "2020-07-08 00:10:00,p3,u3,s3\n"
+    )
+    entries, window = index_and_ingest(source, landing, [DAY2])  # the schedule's run of 07-08
+    assert entries[0].days == ["2020-07-07", "2020-07-08"] and entries[0].home_day == "2020-07-08"
+    quarantined = window.quarantine[DAY2]
+    assert quarantined[["line", "reason"]].values.tolist() == [
+        [4, "unparseable timestamp 2020-07-08 25:00:00"]
+    ]
+    (landing / "clicks_late.csv").write_text((landing / "clicks_2020-07-08.csv").read_text())
+    (landing / "clicks_2020-07-08.csv").unlink()
+    entries, _ = index_and_ingest(source, landing, [DAY2], tmp_path / "other-index.json")
+    assert entries[0].home_day == "2020-07-07"  # no date in the name: its first valid day, as before
