@@ -950,7 +950,15 @@ class StreamScorer:
             row[metric.name] = int(value) if metric.is_count else json_number(value)
         for derived in self.source.derived:
             row[derived.name] = json_number(columns[derived.name][index])
-        row.update(score=None, threshold=None, is_anomaly=False, attribution={}, detectors=[])
+        row.update(
+            score=None,
+            threshold=None,
+            is_anomaly=False,
+            ensemble_score=None,
+            explained_by=None,
+            attribution={},
+            detectors=[],
+        )
         return row
 
     def _frame(self, starts: np.ndarray, matrix: np.ndarray) -> pd.DataFrame:
@@ -994,10 +1002,15 @@ class StreamScorer:
                 detector = self.detectors[strongest]
                 history = _shingle_history(detector, before, frame.iloc[:index])
                 signed = detector.explain(frame.iloc[[index]], **history)[0]
+            # score and threshold are the lead detector's (Kinesis' ANOMALY_SCORE); the flag is the
+            # ensemble's, whose score (as batch's ensemble row: the strongest voter's score over its
+            # threshold) is over 1 whenever it fires, and the attribution is that strongest voter's
             row.update(
                 score=float(scores[self.lead][index]),
                 threshold=self.thresholds[self.lead],
                 is_anomaly=sum(fired[name] for name in present) >= self.source.ensemble.min_votes,
+                ensemble_score=normalized[strongest],
+                explained_by=strongest,
                 attribution=json.loads(modeling.explanation_json(self.detectors[strongest].features, signed)),
                 detectors=[name for name in self.detectors if fired[name]],
             )
@@ -1422,8 +1435,9 @@ class WarehouseSink:
             frame["attribution"] = [json.dumps(value) for value in frame["attribution"]]
             frame["detectors"] = [",".join(value) for value in frame["detectors"]]
             counts = {metric.name for metric in self.source.metrics if metric.is_count}
-            for name in [*self.source.series_columns, "score", "threshold"]:  # one schema, nulls or not
+            for name in [*self.source.series_columns, "score", "threshold", "ensemble_score"]:  # one schema
                 frame[name] = frame[name].astype(np.int64 if name in counts else np.float64)
+            frame["explained_by"] = frame["explained_by"].astype("string")  # text, also when all null
             written += self._upsert(SCORES_ASSET, frame, "window_start", ["window_start"])
         if self.quarantine:
             frame = pd.DataFrame(self.quarantine)

@@ -792,6 +792,16 @@ def test_reference_day_streams_to_the_batch_answers(reference_dir, tmp_path):
     # each window is explained by the stronger of the two voters, over that voter's features
     voters = {d.name: sorted(d.features) for d in load_sources()["clickstream"].detectors}
     assert rows["attribution"].map(lambda names: sorted(names) in (voters["rcf"], voters["zscore"])).all()
+    # which voter that is, and its score on the ensemble's scale: a flag is never under its threshold
+    # (score and threshold are RCF's, and a flag the z-score raised showed an RCF score below RCF's threshold)
+    assert [sorted(row.attribution) for row in rows.itertuples()] == [
+        voters[name] for name in rows["explained_by"]
+    ]
+    assert (rows.loc[rows["is_anomaly"], "ensemble_score"] > 1).all()
+    assert (
+        (rows["ensemble_score"] > 1)
+        == rows["detectors"].map(lambda fired: bool({"rcf", "zscore"} & set(fired)))
+    ).all()
     assert rows["is_anomaly"].map(type).eq(bool).all()
 
     warehouse = Warehouse(warehouse_root)
