@@ -180,19 +180,33 @@ def model_summary(source: SourceConfig, model: TrainedModel) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def preceding(detector: Detector, *before: pd.DataFrame) -> pd.DataFrame | None:
+    """The rows before a frame that ``detector`` reads to score it (see ``history_rows``): the last
+    ones of ``before`` (in order) it can take, as in one batch (which skips rows with a gap)."""
+    if detector.history_rows == 0 or not before:
+        return None
+    rows = pd.concat(before, ignore_index=True) if len(before) > 1 else before[0]
+    return rows[detector.scored_rows(rows)].tail(detector.history_rows) if len(rows) else None
+
+
 def score(
-    source: SourceConfig, features: pd.DataFrame, detectors: dict[str, Detector], thresholds: dict[str, float]
+    source: SourceConfig,
+    features: pd.DataFrame,
+    detectors: dict[str, Detector],
+    thresholds: dict[str, float],
+    before: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Long table: one row per bucket and detector, plus an ``ensemble`` row per bucket.
 
     ``normalized = score / threshold`` puts detectors on one scale (> 1 is over threshold); the
     ensemble's score is the largest normalized score among the voting detectors
     (``source.ensemble``), it fires when at least ``min_votes`` of them do, and it takes its
-    explanation from the strongest detector that fired.
+    explanation from the strongest detector that fired. ``before`` (the previous day's features)
+    completes a shingled forest's first shingles; without it the first ``shingle_size - 1`` rows score 0.
     """
     per_detector = []
     for name, detector in detectors.items():
-        assessment = detector.assess(features)
+        assessment = detector.assess(features, None if before is None else preceding(detector, before))
         raw, contributions, expected = assessment.scores, assessment.contributions, assessment.expected
         threshold = thresholds[name]
         # time-of-day encodings give context, they are not something that can be "too high"

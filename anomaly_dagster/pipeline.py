@@ -455,29 +455,40 @@ def _pooled_training_scores(
 # --- scores --------------------------------------------------------------------------------------
 
 
+def _score_upstream(source: SourceConfig) -> tuple[Upstream, Upstream]:
+    """The day's features and model; with a shingled forest also the day before's features."""
+    history = any(modeling.make_detector(source, d.name).history_rows for d in source.detectors)
+    return (Upstream("features", -1 if history else 0, 0), Upstream("model"))
+
+
 def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
     frames = {}
     for day in days:
         _require(context, "features", day)
         features = warehouse.read_partitions(source.name, "features", [day])
+        # the day before completes a shingled forest's first shingles (empty on the first day)
+        before = warehouse.read_partitions(source.name, "features", [day - timedelta(days=1)])
         if source.entity is None:
             detectors, document = load_detectors(model_path(warehouse, source, day))
             thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
             modeling.check_model_matches(source, f"the {source.name} model of {day}", list(thresholds))
-            frames[day] = modeling.score(source, features, detectors, thresholds)
+            frames[day] = modeling.score(source, features, detectors, thresholds, before)
         else:
             models = entities.load_entity_models(model_path(warehouse, source, day))
             for entity, (_, thresholds) in models.items():
                 described = f"the {source.name} model of {day} for {source.entity}={entity!r}"
                 modeling.check_model_matches(source, described, list(thresholds))
+            earlier = dict(entities.split(source, before))
             frames[day] = entities.per_entity(  # an untrained entity has no model, hence no scores
                 source,
                 features,
-                lambda entity, rows, models=models: modeling.score(source, rows, *models[entity]),
+                lambda entity, rows, models=models, earlier=earlier: modeling.score(
+                    source, rows, *models[entity], earlier.get(entity)
+                ),
                 [entity for entity in entities.entities_on(source, features) if entity in models],
             )
-    output = _write(context, "scores", frames, [Upstream("features"), Upstream("model")])
+    output = _write(context, "scores", frames, _score_upstream(source))
     window = f"{days[0]}" if len(days) == 1 else f"{days[0]}..{days[-1]}"
     all_scores = pd.concat(frames.values(), ignore_index=True)
     all_features = warehouse.read_partitions(source.name, "features", days)
@@ -704,7 +715,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "score",
         ("scores",),
-        lambda s: (Upstream("features"), Upstream("model")),
+        _score_upstream,
         run_score,
         "Per bucket and detector: score, threshold, flag, attribution.",
     ),

@@ -1015,7 +1015,7 @@ class StreamScorer:
                 detectors=[name for name in self.detectors if fired[name]],
             )
         # a day of rows: the last shingle_size - 1 rows a forest can take may lie behind gaps
-        keep = self.source.buckets_per_day if any(_shingle(d) > 1 for d in self.detectors.values()) else 0
+        keep = self.source.buckets_per_day if any(d.history_rows for d in self.detectors.values()) else 0
         first = max(0, len(self.tail_starts) + len(starts) - keep)
         self.tail_starts = np.concatenate([self.tail_starts, starts])[first:]
         self.tail_rows = np.vstack([self.tail_rows, matrix])[first:]
@@ -1095,19 +1095,11 @@ def _digest(start: bytes) -> str:
     return hashlib.sha256(start[:HEAD_BYTES]).hexdigest()
 
 
-def _shingle(detector: Detector) -> int:
-    return detector.forest.shingle_size if isinstance(detector, RCFDetector) else 1
-
-
 def _shingle_history(detector: Detector, *before: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """``history=`` for a shingled forest scoring a few windows: the last rows before them (``before``,
-    in order) that it can take complete their shingles, as they would in one batch (which skips rows
-    with a gap). Nothing is joined for any other detector."""
-    if _shingle(detector) == 1:
-        return {}
-    assert isinstance(detector, RCFDetector)
-    rows = pd.concat(before, ignore_index=True) if len(before) > 1 else before[0]
-    return {"history": rows[detector.scored_rows(rows)].tail(_shingle(detector) - 1)} if len(rows) else {}
+    """``history=`` for a shingled forest scoring a few windows (:func:`modeling.preceding`); nothing
+    for any other detector."""
+    history = modeling.preceding(detector, *before)
+    return {} if history is None else {"history": history}
 
 
 def _normalized(score: float, threshold: float) -> float:

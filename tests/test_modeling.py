@@ -137,10 +137,13 @@ def _only(kind: str, features: list[str], **params: object) -> DetectorConfig:
     return DetectorConfig(name="only", kind=kind, features=features, params=params)
 
 
-def _only_source(kind: str, features: list[str]) -> SourceConfig:
+def _only_source(kind: str, features: list[str], **params: object) -> SourceConfig:
     """The test source with one detector, which alone decides the ensemble."""
     return SOURCE.model_copy(
-        update={"detectors": [_only(kind, features)], "ensemble": EnsembleConfig(detectors=["only"])}
+        update={
+            "detectors": [_only(kind, features, **params)],
+            "ensemble": EnsembleConfig(detectors=["only"]),
+        }
     )
 
 
@@ -341,3 +344,42 @@ def test_scoring_or_detecting_a_day_whose_input_is_missing_says_which_partition(
         FileNotFoundError, match="clickstream: scores partition 2020-07-10 is missing; materialize"
     ):
         run_detect(context, [DAY])
+
+
+def test_a_shingled_forest_scores_a_days_first_buckets_with_the_day_before(tmp_path):
+    """With shingle_size 4 the first 3 buckets of every day scored 0 (no shingle yet), so an outage just
+    after midnight was never flagged: the day before now completes them, as one batch over both days
+    would, and the scores' lineage names that day's features."""
+    from anomaly_dagster.generate import generate_clickstream
+    from anomaly_dagster.pipeline import StageContext, run_window
+    from anomaly_dagster.warehouse import RunInfo, Warehouse
+
+    shingled = _only_source("rcf", ["users", "clicks"], shingle_size=4)
+    features = _features(rows=3 * 144)
+    model = train(shingled, features.iloc[:144], [DAY], False)
+    thresholds = {"only": model.thresholds["only"].value}
+
+    def only(frame: pd.DataFrame) -> np.ndarray:
+        return frame.loc[frame["detector"] == "only", "score"].to_numpy()
+
+    together = only(score(shingled, features.iloc[144:], model.detectors, thresholds))
+    alone = only(score(shingled, features.iloc[288:], model.detectors, thresholds))
+    day = only(
+        score(shingled, features.iloc[288:], model.detectors, thresholds, before=features.iloc[144:288])
+    )
+    assert (alone[:3] == 0).all() and (day[:3] > 0).all()
+    np.testing.assert_array_equal(day, together[144:])
+
+    rcf = SOURCE.detectors[0].model_copy(update={"params": {**SOURCE.detectors[0].params, "shingle_size": 4}})
+    source = SOURCE.model_copy(update={"detectors": [rcf, *SOURCE.detectors[1:]]})
+    generate_clickstream(tmp_path / "landing", days=2, seed=1)
+    warehouse = Warehouse(tmp_path / "warehouse")
+    days = [date(2020, 7, 7), date(2020, 7, 8)]
+    outputs = run_window(StageContext(source, warehouse, tmp_path / "landing", RunInfo("test", "0")), days)
+    second = outputs["scores"].frames[days[1]]
+    assert (second[second["detector"] == "rcf"]["score"].iloc[:3] > 0).all()
+    lineage = warehouse.query(
+        "SELECT upstream FROM meta.lineage WHERE asset = 'scores' AND partition = '2020-07-08'"
+    )
+    read = {(entry["asset"], entry["partition"]) for entry in json.loads(lineage["upstream"].item())}
+    assert {("features", "2020-07-07"), ("features", "2020-07-08"), ("model", "2020-07-08")} <= read

@@ -75,8 +75,14 @@ class Detector(ABC):
         """Expected value of each feature per row where the detector has one (else None)."""
         return None
 
-    def assess(self, frame: pd.DataFrame) -> Assessment:
-        """Score, explanation and expected values of ``frame`` in one call."""
+    @property
+    def history_rows(self) -> int:
+        """How many rows before a frame scoring it reads (a shingled forest's first shingles): 0 here."""
+        return 0
+
+    def assess(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> Assessment:
+        """Score, explanation and expected values of ``frame`` in one call; ``history`` is the
+        :attr:`history_rows` rows before it, for the detectors that read any."""
         return Assessment(self.score(frame), self.explain(frame), self.expected(frame))
 
     @abstractmethod

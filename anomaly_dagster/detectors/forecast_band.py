@@ -88,7 +88,7 @@ class BandDetector(Detector):
     def expected(self, frame: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(self.bounds(frame)[1], columns=self.features, index=frame.index)
 
-    def assess(self, frame: pd.DataFrame) -> Assessment:
+    def assess(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> Assessment:
         """All of it from one band: a DeepAR band is a forecast, too slow to make once per output."""
         bounds = self.bounds(frame)
         outside = self._outside(frame, bounds)

@@ -68,7 +68,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from anomaly_dagster.detectors.base import Detector
+from anomaly_dagster.detectors.base import Assessment, Detector
 from anomaly_dagster.storage import atomic_write_bytes
 
 _FORMAT_VERSION = 2  # 2: float32 boxes, cuts and shingle (1 had float64)
@@ -1553,6 +1553,13 @@ class RCFDetector(Detector):
             folded = fold_attribution(attribution, self.forest.shingle_size)
             signed[finite] = folded[..., 1] - folded[..., 0]
         return signed
+
+    @property
+    def history_rows(self) -> int:
+        return self.forest.shingle_size - 1
+
+    def assess(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> Assessment:
+        return Assessment(self.score(frame, history), self.explain(frame, history), None)
 
     def scored_rows(self, frame: pd.DataFrame) -> np.ndarray:
         """(n,) bool: rows the forest can take (every feature finite in float32); the others score 0."""
