@@ -270,7 +270,9 @@ class EventParser:
 
     ``input_format`` ``auto`` reads a line starting with ``{`` as JSON and any other as CSV; a CSV line
     naming the timestamp and required columns is a header that sets the column order (otherwise the
-    source's order: timestamp, then ``columns``).
+    source's order: timestamp, then ``columns``). A line naming the timestamp column but not every
+    required one is a header too, and it and the lines under it are quarantined with the columns it
+    lacks (as batch ingestion fails such a file naming them), not as lines of the wrong width.
     """
 
     def __init__(self, source: SourceConfig, input_name: str, input_format: str = "auto") -> None:
@@ -404,9 +406,14 @@ class EventParser:
             if row is None:
                 continue
             names = [value.strip() for value in row]
-            if self.required <= set(names):
+            if self.required <= set(names) or self.source.timestamp.column in names:
                 self.header = header = names
                 position = {name: i for i, name in reversed(list(enumerate(header)))}
+                if self.required <= set(names):
+                    continue
+            lacking = sorted(self.required - set(header))
+            if lacking:
+                parsed.bad.append((index, f"the CSV header lacks required column(s) {lacking}", None))
                 continue
             if len(row) > len(header) and not any(row[len(header) :]):
                 row = row[: len(header)]  # empty trailing fields (a trailing delimiter), as DuckDB reads them

@@ -279,6 +279,17 @@ def test_csv_without_header_uses_the_source_column_order():
     assert parsed.values["user"].to_pylist() == ["u1"] and not parsed.bad
 
 
+def test_a_csv_header_without_a_required_column_says_which():
+    """Batch fails such a file naming the column; the stream quarantined the header and every line as
+    "expected 4 fields, found 3", hiding why. A complete header later makes lines count again."""
+    parser = EventParser(SOURCE, "test")
+    parsed = parser.parse(b"timestamp,page,session_id\n2020-07-15 10:00:00,p1,s\n2020-07-15 10:00:05,p2,s\n")
+    assert [reason for _, reason, _ in parsed.bad] == ["the CSV header lacks required column(s) ['user']"] * 3
+    assert len(parsed.values["user"]) == 0
+    parsed = parser.parse(b"timestamp,user,page\n2020-07-15 10:01:00,u1,p1\n")
+    assert parsed.values["user"].to_pylist() == ["u1"] and not parsed.bad
+
+
 # --- windows: batch resampling's aggregates --------------------------------------------------------
 
 
