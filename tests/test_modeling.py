@@ -369,6 +369,13 @@ def test_a_shingled_forest_scores_a_days_first_buckets_with_the_day_before(tmp_p
     )
     assert (alone[:3] == 0).all() and (day[:3] > 0).all()
     np.testing.assert_array_equal(day, together[144:])
+    # also when a bucket of the day cannot be measured (it scores 0 and the shingles run on over it)
+    gappy = features.copy()
+    gappy.loc[gappy.index[360], "users"] = np.nan
+    together = only(score(shingled, gappy.iloc[144:], model.detectors, thresholds))
+    day = only(score(shingled, gappy.iloc[288:], model.detectors, thresholds, before=gappy.iloc[144:288]))
+    assert (day[:3] > 0).all() and day[72] == 0
+    np.testing.assert_array_equal(day, together[144:])
 
     rcf = SOURCE.detectors[0].model_copy(update={"params": {**SOURCE.detectors[0].params, "shingle_size": 4}})
     source = SOURCE.model_copy(update={"detectors": [rcf, *SOURCE.detectors[1:]]})

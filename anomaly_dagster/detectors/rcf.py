@@ -1535,12 +1535,12 @@ class RCFDetector(Detector):
         return self
 
     def score(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> np.ndarray:
-        """Scores of the rows; a row with a missing value scores 0 (nothing to compare)."""
+        """Scores of the rows; a row with a missing value scores 0 (nothing to compare) and the shingles
+        run on over it, as over the gap between ``history`` and the rows."""
         values, finite = self._finite_rows(frame)
         scores = np.zeros(len(values))
-        if finite.all():
-            return self.forest.score(values, self._history(history))
-        scores[finite] = self.forest.score(values[finite]) if finite.any() else []
+        if finite.any():
+            scores[finite] = self.forest.score(values[finite], self._history(history))
         return scores
 
     def explain(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> np.ndarray:
@@ -1548,8 +1548,7 @@ class RCFDetector(Detector):
         values, finite = self._finite_rows(frame)
         signed = np.zeros_like(values)
         if finite.any():
-            rows = values if finite.all() else values[finite]
-            attribution = self.forest.attribution(rows, self._history(history) if finite.all() else None)
+            attribution = self.forest.attribution(values[finite], self._history(history))
             folded = fold_attribution(attribution, self.forest.shingle_size)
             signed[finite] = folded[..., 1] - folded[..., 0]
         return signed
