@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -242,7 +243,8 @@ def score(
     long = pd.concat(per_detector, ignore_index=True)
     long["detectors"] = np.where(long["is_anomaly"], long["detector"], "")
     voters = long[long["detector"].isin(source.ensemble_detectors)]
-    return pd.concat([long, _ensemble(voters, source.ensemble.min_votes)], ignore_index=True).sort_values(
+    needed = votes_needed(source, detectors)
+    return pd.concat([long, _ensemble(voters, needed)], ignore_index=True).sort_values(
         ["bucket_start", "detector"], ignore_index=True
     )
 
@@ -256,6 +258,13 @@ def explanation_json(features: list[str], contributions: np.ndarray) -> str:
             for name, value in zip(features, np.nan_to_num(contributions), strict=True)
         }
     )
+
+
+def votes_needed(source: SourceConfig, trained: Iterable[str]) -> int:
+    """The ensemble's ``min_votes``, or every voter the model has when fewer are trained: a voter its
+    window could not fit cannot vote, and waiting for its vote would silence the ensemble those days."""
+    present = set(trained) & set(source.ensemble_detectors)
+    return max(1, min(source.ensemble.min_votes, len(present)))
 
 
 def _ensemble(long: pd.DataFrame, min_votes: int) -> pd.DataFrame:

@@ -998,6 +998,7 @@ class StreamScorer:
         if self.streaming:
             scores[self.lead], lead_signed = self._stream_lead(matrix)
         voters = self.source.ensemble_detectors
+        needed = modeling.votes_needed(self.source, scores)
         for index, row in enumerate(rows):
             fired = {name: bool(values[index] > self.thresholds[name]) for name, values in scores.items()}
             normalized = {name: _normalized(scores[name][index], self.thresholds[name]) for name in scores}
@@ -1015,7 +1016,7 @@ class StreamScorer:
             row.update(
                 score=float(scores[self.lead][index]),
                 threshold=self.thresholds[self.lead],
-                is_anomaly=sum(fired[name] for name in present) >= self.source.ensemble.min_votes,
+                is_anomaly=sum(fired[name] for name in present) >= needed,
                 ensemble_score=normalized[strongest],
                 explained_by=strongest,
                 attribution=json.loads(modeling.explanation_json(self.detectors[strongest].features, signed)),
