@@ -1414,7 +1414,14 @@ class JsonLinesOutput:
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "window_start": _iso(row["window_start"])}
+    """Strict JSON: an ensemble score over a threshold of 0 is infinite (as batch's ``normalized``) and
+    is written null, since ``json.dumps`` would write a bare Infinity that JSON readers refuse."""
+    ensemble_score = row.get("ensemble_score")
+    return {
+        **row,
+        "window_start": _iso(row["window_start"]),
+        "ensemble_score": None if ensemble_score is None else json_number(ensemble_score),
+    }
 
 
 class WarehouseSink:

@@ -999,3 +999,18 @@ def test_out_to_dev_null_keeps_only_the_warehouse_rows(tmp_path):
     resumed = JsonLinesOutput(os.devnull, offset=1234)
     resumed.write([{"window_start": 0, "clicks": 1}])
     resumed.close()
+
+
+def test_an_infinite_ensemble_score_is_strict_json(tmp_path):
+    """A voter with threshold 0 (fixed: 0, "anything outside the band") has an infinite normalized score
+    when it fires, and the line held a bare Infinity that strict JSON readers refuse."""
+    out = tmp_path / "out.jsonl"
+    output = JsonLinesOutput(str(out))
+    output.write([{"window_start": 0, "clicks": 3, "is_anomaly": True, "ensemble_score": float("inf")}])
+    output.write([{"window_start": 600_000_000, "clicks": 3, "is_anomaly": False, "ensemble_score": 0.5}])
+    output.close()
+    rows = [
+        json.loads(line, parse_constant=lambda name: pytest.fail(name))
+        for line in out.read_text().splitlines()
+    ]
+    assert [row["ensemble_score"] for row in rows] == [None, 0.5]
