@@ -851,16 +851,21 @@ class StreamScorer:
         if found:
             path = model_path(self.warehouse, self.source, found[0])
             detectors, document = load_detectors(path)
-            if self.lead in detectors:
+            thresholds = {name: float(spec["value"]) for name, spec in document["thresholds"].items()}
+            try:  # as batch scoring: a model of other detectors would leave voters out silently
+                modeling.check_model_matches(self.source, f"model {found[0]} ({path})", list(thresholds))
+                if self.lead not in detectors:
+                    raise ValueError(f"model {path} has no detector {self.lead!r} (the ensemble's lead)")
+            except ValueError as error:
+                LOG.warning("%s; cold start", error)
+            else:
                 training = document.get("training_days") or ["?"]
                 self._use(
                     detectors,
-                    {name: float(spec["value"]) for name, spec in document["thresholds"].items()},
+                    thresholds,
                     f"warm start from model {found[0]} ({path}; trained on {training[0]}..{training[-1]}"
                     f"{', itself a cold start' if document.get('cold_start') else ''})",
                 )
-            else:
-                LOG.warning("model %s has no detector %r (the ensemble's lead); cold start", path, self.lead)
         if not self.detectors:
             LOG.info(
                 "cold start: no %s model on or before %s in %s; flagging nothing until %d windows have "
@@ -978,6 +983,12 @@ class StreamScorer:
         frame = self._frame(np.array(self.warmup_starts), np.array(self.warmup_rows))
         days = sorted({_day(start) for start in self.warmup_starts})
         model = modeling.train(self.source, frame, days, cold_start=True)
+        if self.lead not in model.detectors:
+            raise ValueError(
+                f"cold start: the stream's first {len(frame)} windows cannot train {self.lead!r}, the "
+                f"ensemble's lead ({model.thresholds[self.lead].params['reason']}): materialize a batch model "
+                "for the stream to start from, or raise streaming.warmup_windows"
+            )
         self._use(
             model.detectors,
             {name: threshold.value for name, threshold in model.thresholds.items()},

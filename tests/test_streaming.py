@@ -1014,3 +1014,39 @@ def test_an_infinite_ensemble_score_is_strict_json(tmp_path):
         for line in out.read_text().splitlines()
     ]
     assert [row["ensemble_score"] for row in rows] == [None, 0.5]
+
+
+def test_a_model_of_other_detectors_is_not_warm_started_from(tmp_path, caplog):
+    """Batch refuses to score with a model trained for other detectors than configured (a voter missing
+    from it never votes); the stream warm-started from it regardless. It now cold-starts and says why."""
+    from anomaly_dagster.generate import generate_clickstream
+    from anomaly_dagster.pipeline import StageContext, run_window
+    from anomaly_dagster.warehouse import RunInfo
+
+    caplog.set_level(logging.INFO, logger="anomaly_dagster.streaming")
+    two = SOURCE.model_copy(
+        update={"detectors": [d for d in SOURCE.detectors if d.name in ("rcf", "zscore")]}
+    )
+    generate_clickstream(tmp_path / "landing", days=1, start=date(2020, 7, 14), seed=2)
+    run_window(
+        StageContext(two, Warehouse(tmp_path / "warehouse"), tmp_path / "landing", RunInfo("t", "0")),
+        [date(2020, 7, 14)],
+    )
+    rows, _ = run_file(tmp_path, traffic(14, per_window=20), StreamingConfig(warmup_windows=12))
+    assert "was trained for detectors ['rcf', 'zscore'] but clickstream now configures" in caplog.text
+    assert "cold start" in caplog.text and "warm start" not in caplog.text
+    assert all(row["score"] is None for row in rows[:12]) and rows[13]["score"] is not None
+    caplog.clear()
+    rows, _ = run_file(tmp_path, traffic(14, per_window=20), StreamingConfig(warmup_windows=12), source=two)
+    assert "warm start from model 2020-07-14" in caplog.text and rows[0]["score"] is not None
+
+
+def test_a_cold_start_that_cannot_train_the_lead_says_why(tmp_path):
+    """RCF on a lag of a whole day cannot be trained on the stream's first windows (the lag has no value
+    yet): a bare KeyError 'rcf' came out of the scorer."""
+    rcf = SOURCE.detectors[0].model_copy(update={"features": ["users", "clicks", "clicks_lag144"]})
+    source = SOURCE.model_copy(update={"lags": [1, 144], "detectors": [rcf, *SOURCE.detectors[1:]]})
+    with pytest.raises(
+        ValueError, match=r"cold start: the stream's first 12 windows cannot train 'rcf'.*finite"
+    ):
+        run_file(tmp_path, traffic(14, per_window=20), StreamingConfig(warmup_windows=12), source=source)
