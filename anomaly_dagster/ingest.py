@@ -123,6 +123,7 @@ class LandingFile:
     days: list[str]
     home_day: str
     digests: dict[str, str] = field(default_factory=dict)  # day -> "rows:hash"; {}: not known
+    version: int = 1  # INDEX_VERSION when it was indexed; entries written before versions were kept: 1
 
     @property
     def touched_days(self) -> set[date]:
@@ -834,8 +835,13 @@ def _day_in_name(source: SourceConfig, path: Path) -> date | None:
 # --- the landing index ---------------------------------------------------------------------------
 
 
+# 2: a file's home day is the date in its name when it holds events of that day (1: its first day)
+INDEX_VERSION = 2
+
+
 class LandingIndex:
-    """Which days each landing file touches, cached by (size, mtime) in a JSON file."""
+    """Which days each landing file touches, cached by (size, mtime) in a JSON file; an entry indexed
+    by rules older than :data:`INDEX_VERSION` is indexed again."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -861,7 +867,11 @@ class LandingIndex:
     def current(self, path: Path) -> LandingFile | None:
         """The entry of ``path`` while its size and modification time are unchanged, else None."""
         entry, stat = self.entries.get(str(path)), path.stat()
-        if entry is None or (entry.size, entry.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        if entry is None or (entry.size, entry.mtime_ns, entry.version) != (
+            stat.st_size,
+            stat.st_mtime_ns,
+            INDEX_VERSION,
+        ):
             return None
         return entry
 
@@ -971,7 +981,7 @@ def _indexed(
         if readable
         else {}
     )
-    return LandingFile(str(path), size, mtime_ns, days, home, digests)
+    return LandingFile(str(path), size, mtime_ns, days, home, digests, INDEX_VERSION)
 
 
 def quarantine_day(entry: LandingFile) -> date:

@@ -768,6 +768,7 @@ def test_index_entry_round_trips_through_json(tmp_path: Path, source: SourceConf
             "days": ["2020-07-07", "2020-07-09"],
             "home_day": "2020-07-07",
             "digests": entry.digests,
+            "version": ingest.INDEX_VERSION,
         }
     }
     assert sorted(entry.digests) == ["2020-07-07", "2020-07-09"]
@@ -905,6 +906,15 @@ def test_a_day_files_bad_lines_go_to_its_own_day_not_the_day_of_its_late_events(
     assert quarantined[["line", "reason"]].values.tolist() == [
         [4, "unparseable timestamp 2020-07-08 25:00:00"]
     ]
+    # an index written by the earlier rule (no version, home day 07-07) is not trusted for the file
+    index_path = landing.parent / "landing-index.json"
+    document = json.loads(index_path.read_text())
+    for entry in document.values():
+        entry.pop("version")
+        entry["home_day"] = "2020-07-07"
+    index_path.write_text(json.dumps(document))
+    entries, window = index_and_ingest(source, landing, [DAY2])
+    assert entries[0].home_day == "2020-07-08" and len(window.quarantine[DAY2]) == 1
     (landing / "clicks_late.csv").write_text((landing / "clicks_2020-07-08.csv").read_text())
     (landing / "clicks_2020-07-08.csv").unlink()
     entries, _ = index_and_ingest(source, landing, [DAY2], tmp_path / "other-index.json")
