@@ -206,24 +206,25 @@ def parse_events(source: SourceConfig, lines: DataFrame) -> DataFrame:
     csv_values, csv_early = _csv_fields(source)
     json_values, json_early = _json_fields(source)
     is_json = F.col("kind") == "jsonl"
+    # the line's own columns get names no configured column can take ("__" is refused by the config)
     staged = lines.select(
         "source_file",
         "line",
-        "text",
-        F.when(is_json, json_early).otherwise(csv_early).alias("early"),
+        F.col("text").alias("__text"),
+        F.when(is_json, json_early).otherwise(csv_early).alias("__early"),
         *(F.when(is_json, json_values[name]).otherwise(csv_values[name]).alias(name) for name in csv_values),
     )
     ts_name = source.timestamp.column
     ts = F.col(ts_name)
     parsed, bad_offset = _utc_timestamp(source.timestamp, ts)
-    staged = staged.select("*", parsed.alias("utc"), bad_offset.alias("bad_offset"))
-    utc = F.col("utc")
+    staged = staged.select("*", parsed.alias("__utc"), bad_offset.alias("__bad_offset"))
+    utc = F.col("__utc")
     earliest = F.lit(f"{source.start_date.isoformat()} 00:00:00").cast("timestamp_ntz")
     latest_day = (datetime.now(UTC) + timedelta(days=2)).date()
     in_range = (utc >= earliest) & (utc < F.lit(f"{latest_day.isoformat()} 00:00:00").cast("timestamp_ntz"))
     checks: list[tuple[Column, Column]] = [
-        (F.col("early").isNotNull(), F.col("early")),
-        *timestamp_checks(source, ts, utc, F.col("bad_offset"), in_range),
+        (F.col("__early").isNotNull(), F.col("__early")),
+        *timestamp_checks(source, ts, utc, F.col("__bad_offset"), in_range),
     ]
     field_checks, typed = typed_fields(source, F.col, F.lit(True))
     checks.extend(field_checks)
@@ -234,7 +235,7 @@ def parse_events(source: SourceConfig, lines: DataFrame) -> DataFrame:
         utc.cast("timestamp").alias("timestamp"),  # an instant (the session is in UTC): watermarks need it
         *typed,
         reason.alias("reason"),
-        _cap(F.col("text")).alias("raw"),
+        _cap(F.col("__text")).alias("raw"),
     )
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from anomaly_dagster import cli
-from anomaly_dagster.config import ConfigError, load_sources
+from anomaly_dagster.config import ColumnConfig, ConfigError, SourceConfig, load_sources
 from anomaly_dagster.spark_stream import (
     checkpoint_dir,
     kafka_lines,
@@ -181,12 +181,12 @@ def test_an_entity_source_is_refused(caplog):
     assert "entity column" in caplog.text
 
 
-def _parsed(spark, landing, table: str):
+def _parsed(spark, landing, table: str, source: SourceConfig = SOURCE):
     """Every line of the landing folder through ``parse_events``, as one availableNow run into memory."""
     from anomaly_dagster.spark_stream import parse_events
 
     query = (
-        parse_events(SOURCE, landing_lines(spark, SOURCE, landing))
+        parse_events(source, landing_lines(spark, source, landing))
         .writeStream.format("memory")
         .queryName(table)
         .trigger(availableNow=True)
@@ -226,3 +226,23 @@ def test_lines_batch_ingestion_rejects_are_rejected_alike(spark, tmp_path):
         "wrong JSON type in user: array (expected a string)",
         "wrong JSON type in user: boolean (expected a string)",
     ]
+
+
+def test_columns_named_like_the_parsers_own_are_read(spark, tmp_path):
+    """A log with columns text, early and utc (a message, a flag, a zone): the parser's own columns of
+    those names made every line fail with AMBIGUOUS_REFERENCE."""
+    source = SOURCE.model_copy(
+        update={
+            "columns": [
+                *SOURCE.columns,
+                *(ColumnConfig(name=name, required=False) for name in ("text", "early", "utc")),
+            ]
+        }
+    )
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "clicks_x.csv").write_text(
+        "timestamp,page,user,session_id,text,early,utc\n2020-07-08 06:00:00,p1,u1,s,hello,no,+02\n"
+    )
+    (row,) = _parsed(spark, landing, "stream_own_names", source).collect()
+    assert (row.user, row.text, row.early, row.utc, row.reason) == ("u1", "hello", "no", "+02", None)
