@@ -996,9 +996,10 @@ def test_out_to_dev_null_keeps_only_the_warehouse_rows(tmp_path):
     stored = warehouse.query("SELECT clicks FROM clickstream.stream_scores ORDER BY window_start")
     to_file, _ = run_file(tmp_path / "to_file", lines)
     assert stored["clicks"].tolist() == [row["clicks"] for row in to_file] and len(to_file) == 6
-    resumed = JsonLinesOutput(os.devnull, offset=1234)
+    resumed = JsonLinesOutput(os.devnull, offset=1234)  # a checkpoint's offset: nothing to cut back to
     resumed.write([{"window_start": 0, "clicks": 1}])
     resumed.close()
+    assert resumed.offset is None  # and none saved in the next checkpoint, as for stdout
 
 
 def test_an_infinite_ensemble_score_is_strict_json(tmp_path):
