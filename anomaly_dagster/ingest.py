@@ -131,9 +131,10 @@ class LandingFile:
 
 
 def file_format(path: Path) -> str:
-    """``csv``, ``jsonl`` or ``parquet`` from the file name (``.gz`` allowed on text formats)."""
+    """``csv``, ``jsonl`` or ``parquet`` from the file name (``.gz`` allowed on text formats). A
+    ``.tsv`` is refused by name: read as CSV, every tab-separated line would be quarantined as one field."""
     name = path.name.lower().removesuffix(".gz")
-    if name.endswith((".csv", ".tsv", ".txt", ".log")):
+    if name.endswith((".csv", ".txt", ".log")):
         return "csv"
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"

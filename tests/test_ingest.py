@@ -919,3 +919,13 @@ def test_a_day_files_bad_lines_go_to_its_own_day_not_the_day_of_its_late_events(
     (landing / "clicks_2020-07-08.csv").unlink()
     entries, _ = index_and_ingest(source, landing, [DAY2], tmp_path / "other-index.json")
     assert entries[0].home_day == "2020-07-07"  # no date in the name: its first valid day, as before
+
+
+def test_a_tab_separated_file_is_refused_by_name(tmp_path: Path, source: SourceConfig) -> None:
+    """A .tsv was read with commas: every line one field, all quarantined as missing columns."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "clicks_1.tsv").write_text("timestamp\tpage\tuser\n2020-07-07 00:00:01\tp1\tu1\n")
+    tsv = source.model_copy(update={"files": ["clicks*.tsv"]})
+    with pytest.raises(LandingFileError, match=r"clicks_1.tsv: unknown file type \(expected .csv"):
+        LandingIndex(tmp_path / "index.json").refresh(tsv, discover(tsv, landing))
