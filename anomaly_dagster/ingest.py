@@ -45,9 +45,9 @@ Quarantine rows without a usable timestamp (including every line DuckDB rejected
 parse) go to their file's home day: the date in its name (``clicks_2020-07-15.csv.gz``) when it holds
 events of that day, else its first valid day. A day's file carries a few late events of the day
 before, and the daily run of its own day must write its bad lines: charged to the day before, they
-were written by no run but a rerun of that day. A file with no valid event (e.g. a truncated gzip) goes to the first day of its readable prefix, else
-the date in its name, else its modification day, or ``start_date`` when that day is earlier (an
-archive copied with its times kept).
+were written by no run but a rerun of that day. A file with no valid event (e.g. a truncated gzip)
+goes to the first day of its readable prefix, else the date in its name, else its modification day,
+or ``start_date`` when that day is earlier (an archive copied with its times kept).
 
 A small landing index (JSON in the warehouse) remembers which days each file touches, keyed by
 size and modification time, so a daily run reads only the files that hold that day and the

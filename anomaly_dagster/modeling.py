@@ -201,7 +201,8 @@ def score(
 
     ``normalized = score / threshold`` puts detectors on one scale (> 1 is over threshold); the
     ensemble's score is the largest normalized score among the voting detectors
-    (``source.ensemble``), it fires when at least ``min_votes`` of them do, and it takes its
+    (``source.ensemble``), it fires when at least ``min_votes`` of them do (:func:`votes_needed`: no
+    more than the model has trained), and it takes its
     explanation from the strongest detector that fired. ``before`` (the previous day's features)
     completes a shingled forest's first shingles; without it the first ``shingle_size - 1`` rows score 0.
     """

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 MODEL_FILE = "model.npz"
-# the model table's threshold method for an entity that could not be fitted
 
 
 @dataclass(frozen=True)
