@@ -144,15 +144,21 @@ class DetectorConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> DetectorConfig:
-        """The kind and its parameter names are checked when the file loads, not after a day's ingest."""
+        """The kind, its parameter names and their values are checked when the file loads, not after a
+        day's ingest (a bad value failed the code location's import, naming neither file nor detector)."""
         from anomaly_dagster.detectors import detector_class  # the detectors load NumPy, numba, ...
 
-        accepted = set(inspect.signature(detector_class(self.kind)).parameters) - {"features"}
+        cls = detector_class(self.kind)
+        accepted = set(inspect.signature(cls).parameters) - {"features"}
         unknown = sorted(set(self.params) - accepted)
         if unknown:
             raise ValueError(
                 f"{self.kind} detector has no parameter(s) {unknown}; it takes {sorted(accepted)}"
             )
+        try:
+            cls(self.features, **self.params)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"detector {self.name!r} ({self.kind}): {error}") from None
         return self
 
 

@@ -555,6 +555,11 @@ def _with_metric_named(name: str) -> dict[str, Any]:
         (_with_column(name="Page", required=False), "duplicate column names: ['Page', 'page']"),
         (_with_metric_named("Clicks"), "duplicate metric or derived names: ['Clicks', 'clicks']"),
         (_with_detector(kind="iqrr"), "unknown detector kind 'iqrr'"),
+        # a bad value failed the code location's import with a bare "coverage must be between 0 and 1"
+        (
+            _with_detector(kind="seasonal_band", params={"coverage": 99}),
+            "detector 'iqr' (seasonal_band): coverage must be between 0 and 1, got 99",
+        ),
         (_with_detector(params={"n_estimator": 50}), "no parameter(s) ['n_estimator']"),
         (_with_detector(features=[]), "at least 1 item"),
         ({**base_document(), "name": "System"}, "catalog schema"),
