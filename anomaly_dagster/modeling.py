@@ -215,9 +215,7 @@ def score(
         observable = np.array([name not in CONTEXT_FEATURES for name in detector.features])
         top = np.where(observable, np.nan_to_num(np.abs(contributions), nan=-1.0), -2.0).argmax(axis=1)
         # a row the detector could not measure (its placeholder score 0) has no direction either
-        signed_top = np.where(
-            detector.scored_rows(features), contributions[np.arange(len(features)), top], np.nan
-        )
+        signed_top = np.where(assessment.scored, contributions[np.arange(len(features)), top], np.nan)
         per_detector.append(
             pd.DataFrame(
                 {

@@ -264,6 +264,7 @@ def test_assess_gives_what_score_explain_and_expected_give():
         assessment = detector.assess(day)
         np.testing.assert_array_equal(assessment.scores, detector.score(day))
         np.testing.assert_array_equal(assessment.contributions, detector.explain(day))
+        np.testing.assert_array_equal(assessment.scored, detector.scored_rows(day))
         expected = detector.expected(day)
         if expected is None:
             assert assessment.expected is None and assessment.band is None

@@ -28,7 +28,8 @@ class Assessment:
 
     scores: np.ndarray  # (n,) see Detector.score
     contributions: np.ndarray  # (n, d) see Detector.explain
-    expected: pd.DataFrame | None  # (n, d) see Detector.expected
+    scored: np.ndarray  # (n,) bool, see Detector.scored_rows
+    expected: pd.DataFrame | None = None  # (n, d) see Detector.expected
     band: np.ndarray | None = None  # (3, n, d) lower, median and upper value, for band detectors
 
 
@@ -81,9 +82,11 @@ class Detector(ABC):
         return 0
 
     def assess(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> Assessment:
-        """Score, explanation and expected values of ``frame`` in one call; ``history`` is the
-        :attr:`history_rows` rows before it, for the detectors that read any."""
-        return Assessment(self.score(frame), self.explain(frame), self.expected(frame))
+        """Score, explanation, measured rows and expected values of ``frame`` in one call; ``history``
+        is the :attr:`history_rows` rows before it, for the detectors that read any."""
+        return Assessment(
+            self.score(frame), self.explain(frame), self.scored_rows(frame), self.expected(frame)
+        )
 
     @abstractmethod
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -88,12 +88,20 @@ class BandDetector(Detector):
     def expected(self, frame: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(self.bounds(frame)[1], columns=self.features, index=frame.index)
 
+    def scored_rows(self, frame: pd.DataFrame) -> np.ndarray:
+        """Rows with a measured feature that has a band: before its first full context a DeepAR row has
+        none, and its placeholder 0 would pull the threshold down (by 8-19% in a week's window)."""
+        return self._measured(frame, self.bounds(frame))
+
     def assess(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> Assessment:
         """All of it from one band: a DeepAR band is a forecast, too slow to make once per output."""
         bounds = self.bounds(frame)
         outside = self._outside(frame, bounds)
         expected = pd.DataFrame(bounds[1], columns=self.features, index=frame.index)
-        return Assessment(_worst(outside), outside, expected, bounds)
+        return Assessment(_worst(outside), outside, self._measured(frame, bounds), expected, bounds)
+
+    def _measured(self, frame: pd.DataFrame, bounds: np.ndarray) -> np.ndarray:
+        return (np.isfinite(self.matrix(frame)) & np.isfinite(bounds).all(axis=0)).any(axis=1)
 
     def _outside(self, frame: pd.DataFrame, bounds: np.ndarray) -> np.ndarray:
         lower, median, upper = bounds

@@ -1558,7 +1558,7 @@ class RCFDetector(Detector):
         return self.forest.shingle_size - 1
 
     def assess(self, frame: pd.DataFrame, history: pd.DataFrame | None = None) -> Assessment:
-        return Assessment(self.score(frame, history), self.explain(frame, history), None)
+        return Assessment(self.score(frame, history), self.explain(frame, history), self.scored_rows(frame))
 
     def scored_rows(self, frame: pd.DataFrame) -> np.ndarray:
         """(n,) bool: rows the forest can take (every feature finite in float32); the others score 0."""
