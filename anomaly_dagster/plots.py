@@ -74,12 +74,22 @@ def series_plot(features: pd.DataFrame, scores: pd.DataFrame, series: list[str],
         axis.scatter(marked["bucket_start"], marked[name], color="tab:red", s=12, zorder=3, label="flagged")
         axis.set_ylabel(name)
     score_axis = axes[-1]
-    score_axis.plot(ensemble["bucket_start"], ensemble["score"], linewidth=0.8, color="tab:purple")
+    score_axis.plot(
+        ensemble["bucket_start"], _finite_ceiling(ensemble["score"]), linewidth=0.8, color="tab:purple"
+    )
     score_axis.axhline(1.0, color="tab:red", linestyle="--", linewidth=0.8)
     score_axis.set_yscale("symlog")
     score_axis.set_ylabel("score / threshold")
     axes[0].set_title(title)
     return _png(figure)
+
+
+def _finite_ceiling(scores: pd.Series) -> pd.Series:
+    """Scores with ``inf`` (over a threshold of 0) drawn at twice the largest finite one, at least 10:
+    matplotlib leaves infinite points out, and a flagged bucket looked under the threshold line."""
+    finite = scores[np.isfinite(scores)]
+    ceiling = 2.0 * max(float(finite.max()) if len(finite) else 0.0, 5.0)
+    return scores.where(~np.isinf(scores), ceiling)
 
 
 def threshold_histogram(

@@ -399,3 +399,13 @@ def test_a_shingled_forest_scores_a_days_first_buckets_with_the_day_before(tmp_p
     )
     read = {(entry["asset"], entry["partition"]) for entry in json.loads(lineage["upstream"].item())}
     assert {("features", "2020-07-07"), ("features", "2020-07-08"), ("model", "2020-07-08")} <= read
+
+
+def test_an_infinite_ensemble_score_is_drawn_above_the_threshold_line():
+    """Over a threshold of 0 a flag's normalized score is infinite; matplotlib left it out, so the score
+    panel stayed under the 1.0 line while the bucket was marked flagged."""
+    from anomaly_dagster.plots import _finite_ceiling
+
+    drawn = _finite_ceiling(pd.Series([0.5, np.inf, 3.0, np.nan]))
+    assert drawn.iloc[1] == 10.0 and drawn.iloc[[0, 2]].tolist() == [0.5, 3.0] and np.isnan(drawn.iloc[3])
+    assert _finite_ceiling(pd.Series([40.0, np.inf])).iloc[1] == 80.0
