@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from anomaly_dagster.detectors.forecast_band import QUANTILES, BandDetector, widen, widen_factors
+from anomaly_dagster.detectors.forecast_band import QUANTILES, BandDetector, day_labels, widen, widen_factors
 
 DEFAULT_FEATURES = ("users", "clicks")
 # recent buckets plus the same bucket a day earlier (for 10-minute buckets)
@@ -165,7 +165,7 @@ class DeepARDetector(BandDetector):
         self.min_context = min(self.context_length, length // 2)
         horizon = min(self.prediction_length, length - self.min_context)
         self.weights = self._train(horizon)
-        self.factors = widen_factors(values, self._raw_bounds(positions), self.coverage)
+        self.factors = widen_factors(values, self._raw_bounds(positions), self.coverage, day_labels(frame))
         return self
 
     def _estimator(self, prediction_length: int, **options: Any) -> Any:

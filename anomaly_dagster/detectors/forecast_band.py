@@ -31,14 +31,23 @@ QUANTILES = (0.01, 0.5, 0.99)
 # normal distribution: (99% quantile - median) / (75% quantile - median) = 2.326 / 0.674
 QUARTILE_TO_TAIL = NormalDist().inv_cdf(0.99) / NormalDist().inv_cdf(0.75)
 BAND_SUFFIXES = ("q01", "q50", "q99")
+# a training day that needs this many times the median day's stretch holds a fault, not normal variation
+FAULT_DAY_RATIO = 3.0
 
 
-def widen_factors(values: np.ndarray, raw: np.ndarray, coverage: float) -> np.ndarray:
+def widen_factors(
+    values: np.ndarray, raw: np.ndarray, coverage: float, days: np.ndarray | None = None
+) -> np.ndarray:
     """(d,) factors by which to stretch each feature's band around its median so ``coverage`` of rows fit.
 
     ``raw`` is (3, n, d): lower, median, upper. Each feature gets a 1 - (1 - coverage) / d share
     (Bonferroni), so all features are inside together for at least ``coverage`` of the rows while no
     single noisy feature sets everybody's width. Rows without a band (NaN) are ignored.
+
+    With ``days`` (a label per row) and at least 3 of them, a day whose own factor for a feature is over
+    :data:`FAULT_DAY_RATIO` times the median day's holds a fault and is left out for that feature: the
+    band says what a normal day looks like, and one 40-minute outage in the window stretched it 4-7
+    times, wide enough to miss the next faults for a week.
     """
     lower, median, upper = raw
     needed = np.where(
@@ -47,10 +56,24 @@ def widen_factors(values: np.ndarray, raw: np.ndarray, coverage: float) -> np.nd
     share = 1.0 - (1.0 - coverage) / values.shape[1]
     factors = np.ones(values.shape[1])
     for column in range(values.shape[1]):
-        known = needed[:, column][np.isfinite(needed[:, column])]
-        if len(known):
-            factors[column] = np.quantile(known, share, method="higher")
+        usable = np.isfinite(needed[:, column])
+        if days is not None:
+            usable &= ~np.isin(days, _fault_days(needed[:, column], usable, days, share))
+        if usable.any():
+            factors[column] = np.quantile(needed[usable, column], share, method="higher")
     return np.where(factors > 0, factors, 1.0)  # a feature that never left its median keeps its raw width
+
+
+def _fault_days(needed: np.ndarray, usable: np.ndarray, days: np.ndarray, share: float) -> list[object]:
+    """The days whose own stretch for one feature is over FAULT_DAY_RATIO times the median day's."""
+    labels = np.unique(days[usable])
+    if len(labels) < 3:
+        return []  # two days cannot say which of them is the normal one
+    own = np.array(
+        [np.quantile(needed[usable & (days == label)], share, method="higher") for label in labels]
+    )
+    typical = float(np.median(own))
+    return list(labels[own > FAULT_DAY_RATIO * typical]) if typical > 0 else []
 
 
 def widen(raw: np.ndarray, factors: np.ndarray) -> np.ndarray:
@@ -189,7 +212,7 @@ class SeasonalBandDetector(BandDetector):
                 continue
             quantiles = self._profile(values[~held], slots[~held])
             held_out[:, held] = np.moveaxis(quantiles[slots[held]], 1, 0)
-        self.factors = widen_factors(values, held_out, self.coverage)
+        self.factors = widen_factors(values, held_out, self.coverage, days)
         # a feature no day could be held out for (its only data on one day) is calibrated in sample
         held_for = (np.isfinite(values) & np.isfinite(held_out).all(axis=0)).any(axis=0)
         if not held_for.all():

@@ -191,3 +191,27 @@ def test_a_feature_never_measured_in_the_window_has_no_band_and_the_others_do(tr
     assert np.isnan(bounds[:, :, FEATURES.index("clicks")]).all()
     assert np.isfinite(np.delete(bounds, FEATURES.index("clicks"), axis=2)).all()
     assert np.isfinite(detector.score(training)).all()
+
+
+def test_a_fault_in_the_training_window_does_not_blind_the_band() -> None:
+    """A 70-minute outage on one day of the week stretched the users band 4-7 times (its factor is a
+    high quantile over every training row), so the next day's drop of 8 sd scored 0."""
+    clean = daily_frame(7, seed=11)
+    faulty = clean.copy()
+    faulty.loc[3 * SLOTS + 60 : 3 * SLOTS + 66, "users"] = 0.0  # day 4, slots 60-66
+    day = daily_frame(1, seed=12)
+    day.loc[60:66, "users"] *= 0.6  # the next fault: users 40% down at the same hour
+    unaffected = SeasonalBandDetector(FEATURES).fit(clean)
+    detector = SeasonalBandDetector(FEATURES).fit(faulty)
+    assert detector.factors[0] < 1.5 * unaffected.factors[0]
+    assert (detector.score(day)[60:67] > 0).all()
+    np.testing.assert_array_equal(detector.factors[1:], unaffected.factors[1:])  # per feature
+
+
+def test_two_days_cannot_tell_a_fault_from_a_noisy_day() -> None:
+    values = np.r_[np.full(144, 1.0), np.full(144, 10.0)][:, None] * np.random.default_rng(0).normal(
+        size=(288, 1)
+    )
+    raw = np.broadcast_to(np.array([-1.0, 0.0, 1.0])[:, None, None], (3, 288, 1))
+    days = np.repeat([0, 1], 144)
+    np.testing.assert_array_equal(widen_factors(values, raw, 0.99, days), widen_factors(values, raw, 0.99))
