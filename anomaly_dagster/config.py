@@ -157,7 +157,7 @@ class DetectorConfig(_Strict):
             )
         try:
             cls(self.features, **self.params)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, ArithmeticError) as error:  # e.g. num_trees: .inf overflows int
             raise ValueError(f"detector {self.name!r} ({self.kind}): {error}") from None
         return self
 

@@ -104,14 +104,17 @@ def train(
                 detector.fit(features, training_labels)
             else:
                 detector.fit(features)
+            scores = detector.score(features)
+            scored = detector.scored_rows(features)
+            if not scored.any():  # e.g. a band whose only measured rows came before it had a context
+                raise ValueError("no row of the window has a measured score to calibrate a threshold on")
         except ValueError as error:
             reason = f"{config.name} could not be fitted on {days[0]}..{days[-1]}: {error}"
             thresholds[config.name] = Threshold(UNTRAINED, float("nan"), {"reason": reason})
             training_scores[config.name] = np.empty(0)
             continue
-        scores = detector.score(features)
         detectors[config.name] = detector
-        measured = np.where(detector.scored_rows(features), scores, np.nan)  # calibrate() drops NaN
+        measured = np.where(scored, scores, np.nan)  # calibrate() drops NaN
         thresholds[config.name] = calibrate(
             measured, config.threshold or source.threshold, labels=training_labels
         )

@@ -868,11 +868,10 @@ class StreamScorer:
                 )
         if not self.detectors:
             LOG.info(
-                "cold start: no %s model on or before %s in %s; flagging nothing until %d windows have "
-                "closed, then training on them",
-                self.source.name,
-                day,
-                self.warehouse.root,
+                "cold start: %s; flagging nothing until %d windows have closed, then training on them",
+                "no usable model (above)"
+                if found
+                else f"no {self.source.name} model on or before {day} in {self.warehouse.root}",
                 self.warmup_windows,
             )
         self._seed_history(first_window)
@@ -1085,10 +1084,20 @@ class StreamScorer:
             "thresholds": self.thresholds,
             "description": self.description,
             "started": self.started,
+            "configured": [detector.name for detector in self.source.detectors],
         }
         return arrays, document
 
     def restore(self, arrays: dict[str, np.ndarray], document: dict[str, Any]) -> None:
+        """Continue from :meth:`state`, if it was saved under the detectors the source configures now:
+        resumed under others, a voter would be missing and the ensemble would vote by other rules."""
+        saved = document.get("configured")  # (not in states saved before)
+        configured = [detector.name for detector in self.source.detectors]
+        if saved is not None and sorted(saved) != sorted(configured):
+            raise ConfigError(
+                f"the stream state was saved for detectors {sorted(saved)}, but {self.source.name} now "
+                f"configures {sorted(configured)}: start without this --state (or restore the config)"
+            )
         detectors = {}
         for name, described in document["detectors"].items():
             prefix = f"detector/{name}/"

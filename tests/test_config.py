@@ -560,6 +560,10 @@ def _with_metric_named(name: str) -> dict[str, Any]:
             _with_detector(kind="seasonal_band", params={"coverage": 99}),
             "detector 'iqr' (seasonal_band): coverage must be between 0 and 1, got 99",
         ),
+        (
+            _with_detector(kind="rcf", params={"num_trees": float("inf")}),
+            "detector 'iqr' (rcf): cannot convert float infinity to integer",
+        ),
         (_with_detector(params={"n_estimator": 50}), "no parameter(s) ['n_estimator']"),
         (_with_detector(features=[]), "at least 1 item"),
         ({**base_document(), "name": "System"}, "catalog schema"),

@@ -409,3 +409,24 @@ def test_an_infinite_ensemble_score_is_drawn_above_the_threshold_line():
     drawn = _finite_ceiling(pd.Series([0.5, np.inf, 3.0, np.nan]))
     assert drawn.iloc[1] == 10.0 and drawn.iloc[[0, 2]].tolist() == [0.5, 3.0] and np.isnan(drawn.iloc[3])
     assert _finite_ceiling(pd.Series([40.0, np.inf])).iloc[1] == 80.0
+
+
+def test_a_detector_with_no_measured_row_in_its_window_is_untrained_not_fatal():
+    """A sensor's mean that was never measured in the window: the detector fitted, but calibrating its
+    threshold on no score raised, and the whole model (every other detector too) failed."""
+    source = SOURCE.model_copy(
+        update={
+            "detectors": [
+                _only("robust_zscore", ["users"]),
+                DetectorConfig(name="other", kind="iqr", features=["clicks"]),
+            ],
+            "ensemble": EnsembleConfig(detectors=["only", "other"]),
+        }
+    )
+    features = _features(rows=2 * 144).assign(users=np.nan)
+    model = train(source, features, [DAY], False)
+    assert (
+        model.thresholds["only"].method == "untrained"
+        and "no row of the window has a measured score" in (model.thresholds["only"].params["reason"])
+    )
+    assert set(model.detectors) == {"other"} and np.isfinite(model.thresholds["other"].value)

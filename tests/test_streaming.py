@@ -25,6 +25,7 @@ import pytest
 
 from anomaly_dagster import cli, ingest, streaming
 from anomaly_dagster.config import (
+    ConfigError,
     DerivedConfig,
     DetectorConfig,
     EnsembleConfig,
@@ -1051,3 +1052,19 @@ def test_a_cold_start_that_cannot_train_the_lead_says_why(tmp_path):
         ValueError, match=r"cold start: the stream's first 12 windows cannot train 'rcf'.*finite"
     ):
         run_file(tmp_path, traffic(14, per_window=20), StreamingConfig(warmup_windows=12), source=source)
+
+
+def test_a_state_saved_under_other_detectors_is_refused(tmp_path):
+    """A restored scorer kept the detectors of its state: after the ensemble config changed it scored
+    and voted by the old rules (batch refuses such a model), and said nothing."""
+    lines = traffic(20, per_window=20)
+    state = tmp_path / "state.npz"
+    run_file(tmp_path, lines, StreamingConfig(warmup_windows=8), state=state)
+    assert state.exists()
+    three = SOURCE.model_copy(update={"detectors": SOURCE.detectors[:3]})
+    with pytest.raises(
+        ConfigError,
+        match=r"state was saved for detectors \['iforest', 'iqr', 'rcf', 'zscore'\].*configures \['iqr', 'rcf', 'zscore'\]",
+    ):
+        run_file(tmp_path, lines, StreamingConfig(warmup_windows=8), state=state, source=three)
+    run_file(tmp_path, lines, StreamingConfig(warmup_windows=8), state=state)  # the same config resumes
