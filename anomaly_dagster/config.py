@@ -396,17 +396,8 @@ class SourceConfig(_Strict):
 # columns of the per-bucket tables (features, scores, anomalies, incidents) an entity must not shadow
 RESERVED_COLUMNS = frozenset(
     {"bucket_start", "slot", "tod_sin", "tod_cos", "date", "detector", "detectors", "score", "threshold"}
-    | {"normalized", "is_anomaly", "top_feature", "direction", "attribution", "expected", "band"}
-    | {
-        "start",
-        "end",
-        "buckets",
-        "duration_minutes",
-        "peak_bucket",
-        "peak_score",
-        "observed",
-        "sample_events",
-    }
+    | {"normalized", "is_anomaly", "top_feature", "direction", "attribution", "expected", "band", "start"}
+    | {"end", "buckets", "duration_minutes", "peak_bucket", "peak_score", "observed", "sample_events"}
     | {"cold_start"}
 )
 

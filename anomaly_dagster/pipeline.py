@@ -462,12 +462,17 @@ def _score_upstream(source: SourceConfig) -> tuple[Upstream, Upstream]:
 
 def run_score(context: StageContext, days: list[date]) -> list[AssetOutput]:
     source, warehouse = context.source, context.warehouse
+    reads_day_before = _score_upstream(source)[0].start_offset < 0
     frames = {}
     for day in days:
         _require(context, "features", day)
         features = warehouse.read_partitions(source.name, "features", [day])
         # the day before completes a shingled forest's first shingles (empty on the first day)
-        before = warehouse.read_partitions(source.name, "features", [day - timedelta(days=1)])
+        before = (
+            warehouse.read_partitions(source.name, "features", [day - timedelta(days=1)])
+            if reads_day_before
+            else features.iloc[:0]
+        )
         if source.entity is None:
             detectors, document = load_detectors(model_path(warehouse, source, day))
             thresholds = {name: spec["value"] for name, spec in document["thresholds"].items()}
